@@ -1,0 +1,58 @@
+"""Command line: ``python -m dd SUBCOMMAND``.
+
+Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
+``main(args) -> int``. Modules are imported only when their subcommand runs, so ``--help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "verify-golden": ("dd.golden", "check our models against golden files recorded from the original code"),
+    "download": ("dd.download", "download released checkpoints (resume, retries, SHA-256 lock file)"),
+    "train-tokenizer": ("dd.train", "train a tiny tokenizer on the bundled 8x8 digits"),
+    "train-teacher": ("dd.train", "train a tiny AR teacher on the bundled 8x8 digits"),
+    "train-classifier": ("dd.classifier", "train the digits classifier (embedded-default feature network)"),
+    "generate-pairs": ("dd.pairs", "write one shard of (noise, data tokens, label) pairs"),
+    "distill": ("dd.distill", "train a DD student on pair shards"),
+    "sample": ("dd.sample", "sample images: DD few-step, teacher-involved, teacher and baselines"),
+    "evaluate": ("dd.evaluate", "FID / IS / precision / recall of a sample set (torch-fidelity)"),
+    "bench": ("dd.bench", "benchmark DD against its teacher side by side"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        build_parser().print_usage(sys.stderr)
+        print(f"python -m dd: unknown subcommand {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"python -m dd {name}", description=help_)
+    if hasattr(module, "add_arguments_for"):
+        module.add_arguments_for(name, parser)
+    else:
+        module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    args.command = name
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

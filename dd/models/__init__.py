@@ -1,0 +1,1 @@
+"""Model definitions, one file per family: LlamaGen (``llamagen.py``) and VAR (``var.py``)."""
