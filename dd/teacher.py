@@ -141,6 +141,14 @@ class Teacher(nn.Module, ABC):
     def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
         return self.decode_embeddings(self.embed(idx))
 
+    def decode_prefix(self, emb_prefix: torch.Tensor) -> torch.Tensor:
+        """Decode only the first k tokens [B, k, C] (the skip-n baseline): the missing tokens
+        contribute nothing. Default: a zero latent vector at every missing position (raster order);
+        a multi-scale family overrides this to leave the missing scales out of its accumulated latent."""
+        B, k, C = emb_prefix.shape
+        pad = emb_prefix.new_zeros(B, self.n_tokens - k, C)
+        return self.decode_embeddings(torch.cat([emb_prefix, pad], dim=1))
+
     @abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> token indices [B, n_tokens]."""

@@ -1,0 +1,371 @@
+"""Distillation of a DD student on noise/data pairs (paper Alg. 2, Eq. 7, App. C).
+
+At every step a batch of pairs and, per pair, a timestep t from the configured set are drawn; the
+student sees X_t (data tokens before step t, the pair's noise from step t on) and is trained on the
+positions >= t: cross-entropy of its logits head against the data indices (weight 0.1) plus an
+embedding loss of its continuous head (weight 1.0): LPIPS between the images the frozen tokenizer
+decodes from the predicted and the target embeddings, or MSE in embedding space.
+
+Everything that decides a step (data order, timesteps, noise) is a function of (seed, step), so a
+resumed run, or a run split over several processes (torchrun / DDP), computes the same losses as an
+uninterrupted single-process run on the same global batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dd.io import atomic_torch_save
+from dd.pairs import open_shard, pair_noise
+from dd.student import perturb
+from dd.teacher import Teacher
+from dd.tracking import Logger, NullLogger
+
+
+@dataclass
+class DistillConfig:
+    timesteps: list[int] = field(default_factory=lambda: [1])  # paper notation: 1 = the first AR step
+    batch_size: int = 512             # global batch
+    lr: float = 1e-4
+    lr_per_256: bool = True           # VAR: lr scales with batch/256; LlamaGen: fixed lr
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 2.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False          # decay min(ema_decay, (1+s)/(10+s)): useful for short runs
+    ce_weight: float = 0.1
+    emb_weight: float = 1.0
+    emb_loss: str = "lpips"           # "lpips" | "mse"
+    lpips_net: str = "vgg"
+    lpips_backbone: str | None = None  # local torchvision state_dict of the backbone; None = random backbone
+    lambda_t: list[float] | None = None  # per-timestep loss weight, default 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    amp: bool = True                  # bf16 autocast on CUDA only
+
+    def __post_init__(self):
+        if not self.timesteps or self.timesteps[0] != 1 or sorted(set(self.timesteps)) != list(self.timesteps):
+            raise ValueError(f"timesteps must be increasing and start at 1 (the first AR step), got {self.timesteps}")
+        if self.emb_loss not in ("lpips", "mse"):
+            raise ValueError(f"emb_loss must be 'lpips' or 'mse', got {self.emb_loss!r}")
+        if self.lambda_t is not None and len(self.lambda_t) != len(self.timesteps):
+            raise ValueError(f"lambda_t needs one weight per timestep ({len(self.timesteps)}), got {self.lambda_t}")
+        if self.batch_size <= 0 or self.lr <= 0:
+            raise ValueError("batch_size and lr must be positive")
+
+
+class DistillError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Pairs
+# --------------------------------------------------------------------------------------------------
+class PairSet:
+    """All pairs of a list of shards, memory-mapped; noise is regenerated from the stored seeds."""
+
+    def __init__(self, shard_paths, teacher: Teacher, teacher_id: str | None, verify: bool = True):
+        self.records, self.manifests = [], []
+        for p in shard_paths:
+            rec, m = open_shard(Path(p), verify=verify, teacher_id=teacher_id)
+            cfg = m["config"]
+            if (cfg["n_tokens"], cfg["vocab_size"], cfg["codebook_dim"]) != (
+                    teacher.n_tokens, *teacher.codebook.shape):
+                raise DistillError(f"{p}: pairs have n={cfg['n_tokens']}, V={cfg['vocab_size']}, C={cfg['codebook_dim']}, "
+                                   f"but the teacher has n={teacher.n_tokens}, V x C={tuple(teacher.codebook.shape)}")
+            self.records.append(rec)
+            self.manifests.append(m)
+        if not self.records:
+            raise DistillError("no pair shards given")
+        self.offsets = np.cumsum([0] + [len(r) for r in self.records])
+        self.n_tokens, self.dim = teacher.n_tokens, teacher.codebook.shape[1]
+        self.num_classes = self.manifests[0]["config"]["num_classes"]
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels [B], data token indices [B, n], noise [B, n, C]) for global pair indices."""
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        rows = [self.records[s][i - self.offsets[s]] for s, i in zip(shard, indices)]
+        labels = torch.tensor([int(r["label"]) for r in rows])
+        tokens = torch.from_numpy(np.stack([r["tokens"].astype(np.int64) for r in rows]))
+        noise = pair_noise([int(r["seed"]) for r in rows], self.n_tokens, self.dim, self.num_classes)
+        return labels, tokens, noise
+
+
+def batch_indices(n_pairs: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Global pair indices of ``step``: epochs of seeded permutations, read as one stream."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n_pairs)
+        perm = np.random.default_rng([seed, epoch]).permutation(n_pairs)
+        take = perm[offset: offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        pos += len(take)
+    return np.asarray(out)
+
+
+def batch_timesteps(cfg: DistillConfig, batch_size: int, step: int) -> torch.Tensor:
+    """Index into cfg.timesteps for every sample of the global batch of ``step``."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.randint(len(cfg.timesteps), (batch_size,), generator=g)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+def build_lpips(cfg: DistillConfig, device) -> nn.Module:
+    """LPIPS with the package's linear heads; the backbone comes from a local file or is random.
+
+    The VGG/AlexNet backbone weights cannot be downloaded offline, so with no ``lpips_backbone`` the
+    backbone keeps a seeded random initialisation (lpips' ``pnet_rand``)."""
+    import lpips
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = lpips.LPIPS(net=cfg.lpips_net, pretrained=True, pnet_rand=True, verbose=False)
+    if cfg.lpips_backbone:
+        path = Path(cfg.lpips_backbone)
+        if not path.is_file():
+            raise DistillError(f"lpips_backbone: {path} does not exist (expected a torchvision {cfg.lpips_net} state_dict)")
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        mapped = {}
+        for key in model.net.state_dict():
+            _, layer, param = key.split(".")          # slice{k}.{layer}.{weight|bias}
+            src = f"features.{layer}.{param}"
+            if src not in sd:
+                raise DistillError(f"lpips_backbone {path}: missing {src} (not a torchvision {cfg.lpips_net} state_dict?)")
+            mapped[key] = sd[src]
+        model.net.load_state_dict(mapped)
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def distill_losses(student: nn.Module, teacher: Teacher, cfg: DistillConfig, labels, tokens, noise, t_idx,
+                   lpips_model: nn.Module | None) -> dict[str, torch.Tensor]:
+    """Per-term losses (means over the batch of per-sample means over positions >= t)."""
+    codebook = teacher.codebook
+    steps = torch.tensor(cfg.timesteps, device=tokens.device)[t_idx] - 1           # 0-based AR step
+    begin = torch.tensor([teacher.step_begin(int(s)) for s in steps], device=tokens.device)
+    x0 = codebook[tokens]
+    x_t = perturb(x0, noise, begin)
+    logits, emb = student(x_t, labels, steps)
+    n = tokens.shape[1]
+    predicted = torch.arange(n, device=tokens.device)[None, :] >= begin[:, None]      # [B, n]
+    weight = predicted.float() / predicted.sum(1, keepdim=True).clamp(min=1)
+    lam = (torch.tensor(cfg.lambda_t, device=tokens.device)[t_idx] if cfg.lambda_t is not None
+           else torch.ones(len(tokens), device=tokens.device))
+
+    ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")   # [B, n]
+    ce = ((ce * weight).sum(1) * lam).mean()
+    # Eq. 6: the given prefix is copied from the input, so only positions >= t carry the prediction.
+    full = torch.where(predicted.unsqueeze(-1), emb.float(), x_t.float())
+    if cfg.emb_loss == "mse":
+        per = ((full - x0).pow(2).mean(-1) * weight).sum(1)
+    else:
+        with torch.no_grad():
+            target_img = teacher.decode_embeddings(x0)
+        pred_img = teacher.decode_embeddings(full)
+        per = lpips_model(pred_img.float(), target_img.float()).flatten()
+    emb_loss = (per * lam).mean()
+    return {"ce": ce, "emb": emb_loss, "loss": cfg.ce_weight * ce + cfg.emb_weight * emb_loss}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loop
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DistState:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistState:
+    """torchrun sets WORLD_SIZE/RANK; one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistState()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistState(dist.get_rank(), dist.get_world_size())
+
+
+def effective_lr(cfg: DistillConfig) -> float:
+    return cfg.lr * cfg.batch_size / 256 if cfg.lr_per_256 else cfg.lr
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class EMA:
+    def __init__(self, model: nn.Module):
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def _check_finite(step: int, losses: dict) -> None:
+    for name, value in losses.items():
+        if not torch.isfinite(value):
+            raise DistillError(f"non-finite loss at step {step}: loss term '{name}' = {value.item()}; "
+                               f"the last good checkpoint is kept")
+
+
+def _diagnose_gradients(step, student, losses, cfg) -> str:
+    """Which loss term produces the non-finite gradient (re-running backward term by term)."""
+    bad = []
+    for name, w in (("ce", cfg.ce_weight), ("emb", cfg.emb_weight)):
+        student.zero_grad(set_to_none=True)
+        (w * losses[name]).backward(retain_graph=True)
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in student.parameters()):
+            bad.append(name)
+    return ", ".join(bad) or "unknown"
+
+
+def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: PairSet, out_dir: Path, *,
+            device: str | torch.device = "cpu", logger: Logger | None = None, resume: bool = True,
+            eval_fn=None, eval_every: int = 0, progress: bool = True) -> dict:
+    """Train ``student`` and write ``out_dir/last.pt`` (atomic); returns the final checkpoint dict."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    dist_state = init_distributed(device)
+    logger = logger or NullLogger()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "last.pt"
+    if cfg.batch_size % dist_state.world:
+        raise DistillError(f"batch_size {cfg.batch_size} is not divisible by the {dist_state.world} processes")
+
+    teacher.to(device).eval().requires_grad_(False)
+    student.to(device).train()
+    steps_per_epoch = max(1, math.ceil(len(pairs) / cfg.batch_size))
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    lr = effective_lr(cfg)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    ema = EMA(student)
+    lpips_model = build_lpips(cfg, device) if cfg.emb_loss == "lpips" else None
+    step = 0
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if ck["config"] != asdict(cfg):
+            raise DistillError(f"{ckpt_path}: checkpoint was written with a different distillation config; "
+                               f"delete it or use a new output folder")
+        student.load_state_dict(ck["model"])
+        ema.shadow = {k: v.to(device) for k, v in ck["ema"].items()}
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        step = ck["step"]
+        if dist_state.main:
+            print(f"resumed from {ckpt_path} at step {step}/{total}")
+    else:
+        torch.manual_seed(cfg.seed)
+    model = student
+    if dist_state.world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(final=False):
+        if not dist_state.main:
+            return
+        ck = {"config": asdict(cfg), "step": step, "total_steps": total, "model": student.state_dict(),
+              "ema": ema.shadow, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+              "final": final}
+        atomic_torch_save(ck, ckpt_path)
+
+    local = cfg.batch_size // dist_state.world
+    use_amp = cfg.amp and device.type == "cuda"
+    bar = tqdm(total=total, initial=step, desc="distill", disable=not (progress and dist_state.main))
+    while step < total:
+        t0 = time.perf_counter()
+        idx = batch_indices(len(pairs), cfg.batch_size, step, cfg.seed)
+        t_idx = batch_timesteps(cfg, cfg.batch_size, step)
+        sl = slice(dist_state.rank * local, (dist_state.rank + 1) * local)
+        labels, tokens, noise = (x.to(device) for x in pairs.get(idx[sl]))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            losses = distill_losses(model, teacher, cfg, labels, tokens, noise, t_idx[sl].to(device), lpips_model)
+        _check_finite(step, losses)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward(retain_graph=True)
+        grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            culprit = _diagnose_gradients(step, student, losses, cfg)
+            raise DistillError(f"non-finite gradient at step {step} (from loss term(s): {culprit}); "
+                               f"the last good checkpoint is kept")
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+        ema.update(student, decay)
+        step += 1
+        metrics = {k: v.detach().float() for k, v in losses.items()}
+        if dist_state.world > 1:
+            import torch.distributed as dist
+            for v in metrics.values():
+                dist.all_reduce(v)
+                v /= dist_state.world
+        metrics = {k: v.item() for k, v in metrics.items()}
+        metrics.update(lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                       pairs_per_s=cfg.batch_size / (time.perf_counter() - t0))
+        if dist_state.main and (step % cfg.log_every == 0 or step == total or step == 1):
+            logger.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step)
+        if step % cfg.checkpoint_every == 0 or step == total:
+            save(final=step == total)
+        if eval_fn is not None and eval_every and dist_state.main and (step % eval_every == 0 or step == total):
+            logger.log_metrics(eval_fn(ema_model(student, ema), step), step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+    bar.close()
+    return load_checkpoint(ckpt_path) if dist_state.main else {}
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise DistillError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); it is corrupt or truncated") from None
+
+
+def ema_model(student: nn.Module, ema: EMA) -> nn.Module:
+    """A copy of the student carrying the EMA weights (for evaluation during training)."""
+    import copy
+
+    m = copy.deepcopy(student)
+    m.load_state_dict(ema.shadow)
+    return m.eval()
