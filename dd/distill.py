@@ -323,9 +323,11 @@ def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: Pai
             losses = distill_losses(model, teacher, cfg, labels, tokens, noise, t_idx[sl].to(device), lpips_model)
         _check_finite(step, losses)
         opt.zero_grad(set_to_none=True)
-        losses["loss"].backward(retain_graph=True)
+        losses["loss"].backward()
         grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                losses = distill_losses(student, teacher, cfg, labels, tokens, noise, t_idx[sl].to(device), lpips_model)
             culprit = _diagnose_gradients(step, student, losses, cfg)
             raise DistillError(f"non-finite gradient at step {step} (from loss term(s): {culprit}); "
                                f"the last good checkpoint is kept")
