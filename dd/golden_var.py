@@ -17,7 +17,7 @@ import torch
 
 from dd.golden import CaseResult, exact_case, float32_state_dict, float_case, load_golden
 from dd.models.var import (VAR, VQVAE, VARConfig, VARStudent, VARStudentConfig, VARTeacher, VQVAEConfig,
-                           cfg_strength)
+                           cfg_strength, phi_index)
 from dd.student import final_predict, final_sequence, perturb
 from dd.teacher import SamplingConfig
 
@@ -60,16 +60,39 @@ def _build(model_cls, cfg, blob) -> torch.nn.Module:
     return model.eval()
 
 
-def find_tokenizer(folder: Path, patch_nums) -> VQVAE:
-    """The VQVAE of the golden folder (the ``var-vqvae`` file with the same scale list)."""
+def _build_checking_buffers(model_cls, cfg, blob) -> tuple[torch.nn.Module, list[CaseResult]]:
+    """Build, compare the buffers we construct (masks, level tables) with the recorded ones, load."""
+    model = model_cls(cfg)
+    sd = float32_state_dict(blob["state_dict"])
+    res = [float_case(f"built buffer {name}", buf, sd[name], 0.0) if buf.is_floating_point()
+           else exact_case(f"built buffer {name}", buf, sd[name])
+           for name, buf in model.named_buffers() if name in sd and "ema_vocab_hit" not in name]
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), res
+
+
+def _table(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.long)
+
+
+def find_tokenizer(folder: Path, cfg: VARConfig, codebook: torch.Tensor | None = None) -> VQVAE:
+    """The VQVAE of the golden folder that fits the transformer: same scales, codebook size and code
+    dimension (and, when given, the same codebook values)."""
     for p in sorted(folder.glob("*.pt")):
         try:
             blob = load_golden(p)
         except Exception:  # noqa: BLE001 - other files in the folder are not our business
             continue
-        if detect(blob) == "var-vqvae" and tuple(blob["config"]["v_patch_nums"]) == tuple(patch_nums):
-            return _build(VQVAE, vqvae_config(blob["config"]), blob)
-    raise FileNotFoundError(f"no VQVAE golden file with patch_nums {tuple(patch_nums)} in {folder}")
+        if detect(blob) != "var-vqvae":
+            continue
+        vcfg = vqvae_config(blob["config"])
+        if (vcfg.patch_nums, vcfg.vocab_size, vcfg.z_channels) != (tuple(cfg.patch_nums), cfg.vocab_size, cfg.Cvae):
+            continue
+        vae = _build(VQVAE, vcfg, blob)
+        if codebook is None or torch.equal(vae.quantize.embedding.weight, codebook.float()):
+            return vae
+    raise FileNotFoundError(f"no VQVAE golden file in {folder} fits patch_nums {tuple(cfg.patch_nums)}, "
+                            f"V={cfg.vocab_size}, Cvae={cfg.Cvae}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,10 +100,15 @@ def find_tokenizer(folder: Path, patch_nums) -> VQVAE:
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def verify_vqvae(blob: dict) -> list[CaseResult]:
-    vae = _build(VQVAE, vqvae_config(blob["config"]), blob)
+    cfg = vqvae_config(blob["config"])
+    vae, res = _build_checking_buffers(VQVAE, cfg, blob)
     q = vae.quantize
     inp, out = blob["inputs"], blob["outputs"]
-    res = [float_case("codebook", q.embedding.weight, out["codebook"], TOL)]
+    if "phi_index_per_scale" in blob["config"] and cfg.share_quant_resi != 1:
+        ours = [phi_index(si, q.n_scales, cfg.share_quant_resi or cfg.default_qresi_counts or q.n_scales)
+                for si in range(q.n_scales)]
+        res.append(exact_case("phi_index_per_scale", _table(ours), _table(blob["config"]["phi_index_per_scale"])))
+    res.append(float_case("codebook", q.embedding.weight, out["codebook"], TOL))
 
     f = vae.img_to_f(inp["img"])
     res.append(float_case("f_BChw", f, out["f_BChw"], TOL))
@@ -107,10 +135,11 @@ def verify_vqvae(blob: dict) -> list[CaseResult]:
 @torch.no_grad()
 def verify_var(blob: dict, folder: Path) -> list[CaseResult]:
     cfg = var_config(blob["config"])
-    var = _build(VAR, cfg, blob)
+    var, res = _build_checking_buffers(VAR, cfg, blob)
     inp, out = blob["inputs"], blob["outputs"]
     x = inp["x_BLCv_wo_first_l"]
-    res = []
+    if "begin_ends" in blob["config"]:
+        res.append(exact_case("begin_ends", _table(var.begin_ends), _table(blob["config"]["begin_ends"])))
 
     # teacher forcing, with the debug intermediates
     h, cond_BD = var.embed(inp["label_cond"], x)
@@ -132,7 +161,7 @@ def verify_var(blob: dict, folder: Path) -> list[CaseResult]:
     res.append(float_case("logits_cfg_mixed", mixed, out["logits_cfg_mixed"], TOL_CFG))
 
     # the KV-cached greedy sampler, through the teacher adapter (top_k=1 makes it deterministic)
-    teacher = VARTeacher(find_tokenizer(folder, cfg.patch_nums), var).eval()
+    teacher = VARTeacher(find_tokenizer(folder, cfg), var).eval()
     state = teacher.begin(inp["ar_label"], SamplingConfig(cfg_scale=float(inp["ar_cfg"]), top_k=1))
     for si in range(teacher.n_steps):
         logits = teacher.next_logits(state)
@@ -149,11 +178,17 @@ def verify_var(blob: dict, folder: Path) -> list[CaseResult]:
 @torch.no_grad()
 def verify_dd(blob: dict, folder: Path) -> list[CaseResult]:
     cfg = student_config(blob["config"])
-    student = _build(VARStudent, cfg, blob)
-    vae = find_tokenizer(folder, cfg.patch_nums)
-    codebook = vae.quantize.embedding.weight
+    student, res = _build_checking_buffers(VARStudent, cfg, blob)
     inp, out = blob["inputs"], blob["outputs"]
-    res = [float_case("codebook_copy", codebook, inp["codebook_copy"], 0.0)]
+    vae = find_tokenizer(folder, cfg, inp.get("codebook_copy"))
+    codebook = vae.quantize.embedding.weight
+    conf = blob["config"]
+    if "noise_mask" in conf:   # row t: 1 where perturb_data puts noise, i.e. from step t's first token on
+        n = student.n_tokens
+        ours = [[int(i >= student.step_begins[t]) for i in range(n)] for t in range(len(conf["noise_mask"]))]
+        res.append(exact_case("noise_mask", _table(ours), _table(conf["noise_mask"])))
+    if "lvl_1L" in conf:
+        res.append(exact_case("lvl_1L", student.lvl_1L[0], _table(conf["lvl_1L"])))
 
     def begin_of(t: torch.Tensor) -> torch.Tensor:
         return torch.tensor(student.step_begins)[t]
