@@ -1,0 +1,348 @@
+"""LlamaGen family: golden files, release manifests, KV-cached teacher, sampling filters, DD student,
+training losses and checkpoint loading."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import golden_dir
+
+from dd import golden_llamagen
+from dd.golden import load_golden
+from dd.models.llamagen import (GPT, DDConfig, DDStudent, GPTConfig, LlamaGenTeacher, VQConfig, VQModel,
+                                _infer_gpt_config, _infer_vq_config, checkpoint, load_student, load_teacher,
+                                logits_to_probs, top_k_top_p_filter)
+from dd.student import final_predict, final_sequence, perturb
+from dd.teacher import SamplingConfig
+
+# a tiny teacher: 16x16 images, 4x downsampling -> 4x4 grid = 16 tokens
+TINY_VQ = VQConfig(codebook_size=64, codebook_dim=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
+                   norm_groups=8)
+TINY_GPT = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, num_classes=10, multiple_of=64)
+
+
+@torch.no_grad()
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter: the release init zeroes the logits head, which would hide bugs."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            scale = 2.0 if name.endswith("output.weight") else 1.0
+            p.copy_(scale * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+        else:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def teacher() -> LlamaGenTeacher:
+    torch.manual_seed(0)
+    t = LlamaGenTeacher(VQModel(TINY_VQ), GPT(TINY_GPT))
+    randomise(t.gpt, 1)
+    return t.eval().requires_grad_(False)
+
+
+def images(n: int = 3) -> torch.Tensor:
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# golden files and manifests
+# --------------------------------------------------------------------------------------------------
+def test_every_golden_file_verifies():
+    folder = golden_dir("llamagen")
+    kinds = set()
+    for path in sorted(folder.glob("*.pt")):
+        blob = load_golden(path)
+        kind = golden_llamagen.detect(blob)
+        assert kind is not None, f"{path.name} not recognised"
+        kinds.add(kind)
+        results = golden_llamagen.verify(blob, path)
+        bad = [r.line() for r in results if not r.ok]
+        assert not bad, f"{path.name}: " + "; ".join(bad)
+        assert len(results) > 10
+    assert kinds == {"llamagen-vq", "llamagen-gpt", "llamagen-dd"}
+
+
+def test_release_manifests_match_state_dict_keys_shapes_dtypes():
+    folder = golden_dir("llamagen")
+    manifests = sorted(folder.glob("manifest_*.json"))
+    assert manifests
+    for path in manifests:
+        m = json.loads(path.read_text())
+        model = golden_llamagen.model_from_manifest(m)
+        assert all(p.is_meta for p in model.parameters())
+        ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+        ref = {e["key"]: (e["shape"], e["dtype"]) for e in m["state_dict"]}
+        assert ours == ref, f"{path.name}: differs in {sorted(set(ours) ^ set(ref))[:5]}"
+        assert sum(p.numel() for p in model.parameters()) == m["num_parameters"]
+
+
+def test_release_configs_are_inferred_from_weights():
+    folder = golden_dir("llamagen")
+    for path in sorted(folder.glob("manifest_*.json")):
+        m = json.loads(path.read_text())
+        model = golden_llamagen.model_from_manifest(m)
+        sd = model.state_dict()
+        if isinstance(model, VQModel):
+            assert _infer_vq_config(sd) == model.config
+        elif isinstance(model, GPT):
+            assert _infer_gpt_config(sd, model.config.block_size) == model.config
+
+
+def test_golden_detect_ignores_foreign_blobs():
+    assert golden_llamagen.detect({"config": {}, "state_dict": {}, "inputs": {}, "outputs": {}}) is None
+    var_like = {"config": {"model_args": {"depth": 2}}, "state_dict": {"blocks.0.attn.mat_qkv.weight": 0}}
+    assert golden_llamagen.detect(var_like) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# teacher adapter
+# --------------------------------------------------------------------------------------------------
+def test_layout_and_round_trip(teacher):
+    assert teacher.step_sizes == (1,) * 16 and teacher.n_tokens == 16
+    assert teacher.image_size == 16 and teacher.num_classes == 10
+    cb = teacher.codebook
+    assert cb.shape == (64, 8)
+    torch.testing.assert_close(cb.norm(dim=-1), torch.ones(64))  # l2-normalised rows
+    x = images()
+    idx = teacher.encode(x)
+    assert idx.shape == (3, 16) and idx.dtype == torch.long
+    torch.testing.assert_close(teacher.embed(idx), cb[idx])
+    img = teacher.decode_indices(idx)
+    assert img.shape == (3, 3, 16, 16) and img.min() >= -1 and img.max() <= 1
+    # the indices decode exactly like the tokenizer's own lookup path
+    torch.testing.assert_close(img, teacher.tokenizer.decode_code(idx, (3, 8, 4, 4)).clamp(-1, 1))
+    # continuous vectors decode too, and gradients reach them
+    emb = (cb[idx] + 0.1 * torch.randn(3, 16, 8)).requires_grad_(True)
+    teacher.decode_embeddings(emb).sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def _kv_probs(teacher, labels, idx, sampling, prefix: int = 0):
+    """next_probs over a whole sequence; the first ``prefix`` tokens are appended up front."""
+    state = teacher.begin(labels, sampling)
+    for j in range(prefix):
+        teacher.append(state, idx[:, j:j + 1])
+    out = []
+    for j in range(prefix, teacher.n_steps):
+        p = teacher.next_probs(state)
+        assert p.shape == (labels.shape[0], 1, 64)
+        out.append(p[:, 0])
+        teacher.append(state, idx[:, j:j + 1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(cfg_scale=3.0),
+                                      SamplingConfig(cfg_scale=2.0, temperature=0.8, top_p=0.9)],
+                         ids=["plain", "cfg", "cfg-T-topp"])
+def test_kv_cached_probs_equal_teacher_forced(teacher, sampling):
+    labels = torch.tensor([0, 3, 9])
+    idx = teacher.sample(labels, sampling, torch.Generator().manual_seed(0))
+    assert idx.shape == (3, 16)
+    tf = teacher.teacher_forced_probs(idx, labels, sampling)
+    kv = _kv_probs(teacher, labels, idx, sampling)
+    torch.testing.assert_close(kv, tf, atol=1e-4, rtol=0)
+    # a prefix appended up front (teacher-involved sampling) is prefilled in one pass, same numbers
+    torch.testing.assert_close(_kv_probs(teacher, labels, idx, sampling, prefix=6), kv[:, 6:], atol=1e-4, rtol=0)
+
+
+def test_prefix_prefill_is_one_pass_and_repeatable(teacher):
+    labels, sampling = torch.tensor([1, 2]), SamplingConfig(cfg_scale=2.0)
+    idx = teacher.sample(labels, sampling, torch.Generator().manual_seed(1))
+    calls = []
+    handle = teacher.gpt.layers[0].register_forward_hook(lambda m, a, o: calls.append(o.shape[1]))
+    try:
+        state = teacher.begin(labels, sampling)
+        for j in range(5):
+            teacher.append(state, idx[:, j:j + 1])
+        p1 = teacher.next_probs(state)
+        p2 = teacher.next_probs(state)  # nothing new appended: no network pass
+        teacher.append(state, idx[:, 5:6])
+        teacher.next_probs(state)
+    finally:
+        handle.remove()
+    assert calls == [6, 1]  # class token + 5 tokens in one pass, then one position
+    torch.testing.assert_close(p1, p2)
+    assert state.step == 6
+
+
+def test_filtered_probabilities(teacher):
+    labels = torch.tensor([4, 5])
+    for sampling in (SamplingConfig(top_k=5), SamplingConfig(cfg_scale=2.0, top_p=0.5),
+                     SamplingConfig(top_k=10, top_p=0.8, temperature=0.5)):
+        state = teacher.begin(labels, sampling)
+        for _ in range(3):
+            p = teacher.next_probs(state)[:, 0]
+            torch.testing.assert_close(p.sum(-1), torch.ones(2))
+            if sampling.top_k:
+                assert ((p > 0).sum(-1) <= sampling.top_k).all()
+            # every kept token is at least as likely as every removed one
+            logits = teacher.next_logits(state)
+            for b in range(2):
+                kept, removed = logits[b][p[b] > 0], logits[b][p[b] == 0]
+                if removed.numel():
+                    assert kept.min() >= removed.max()
+            teacher.append(state, torch.multinomial(p, 1))
+
+
+def test_filter_semantics_match_llamagen():
+    logits = torch.tensor([[3.0, 1.0, 3.0, 2.0, 0.0]])
+    # top-k keeps ties with the k-th largest
+    assert torch.isinf(top_k_top_p_filter(logits, top_k=1)).tolist() == [[False, True, False, True, True]]
+    # k is clamped to the vocabulary
+    assert not torch.isinf(top_k_top_p_filter(logits, top_k=50)).any()
+    # top-p keeps the token that crosses the threshold (and always the top token)
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), -1)  # 0.665, 0.245, 0.090
+    x = torch.log(p)[None]
+    assert torch.isinf(top_k_top_p_filter(x, top_p=0.7)).tolist() == [[False, False, True]]
+    assert torch.isinf(top_k_top_p_filter(x, top_p=0.5)).tolist() == [[False, True, True]]
+    # temperature first, then filtering; the input is not modified in place
+    before = logits.clone()
+    probs = logits_to_probs(logits, temperature=0.5, top_k=2)
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.0, 0.5, 0.0, 0.0]]))
+
+
+def test_cfg_needs_a_null_class():
+    gpt = GPT(GPTConfig(**{**TINY_GPT.__dict__, "class_dropout_prob": 0.0}))
+    assert gpt.cls_embedding.embedding_table.num_embeddings == 10
+    with pytest.raises(ValueError, match="null-class"):
+        LlamaGenTeacher(VQModel(TINY_VQ), gpt).begin(torch.tensor([0]), SamplingConfig(cfg_scale=2.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# DD student
+# --------------------------------------------------------------------------------------------------
+def test_student_from_teacher_and_causality(teacher):
+    torch.manual_seed(0)
+    student = DDStudent.from_teacher(teacher).eval()
+    assert student.config.codebook_dim == 8 and student.config.class_dropout_prob == 0.0
+    t_sd, s_sd = teacher.gpt.state_dict(), student.state_dict()
+    for k, v in t_sd.items():
+        if k != "tok_embeddings.weight":
+            torch.testing.assert_close(s_sd[k], v, msg=k)
+    assert s_sd["tok_embeddings.weight"].shape == (64, 8) and not s_sd["tok_embeddings.bias"].any()
+    assert set(s_sd) - set(t_sd) == {"tok_embeddings.bias", "final_layer_conti.scale_shift_table",
+                                     "final_layer_conti.linear.weight", "final_layer_conti.linear.bias",
+                                     "n_d_embed.weight"}
+    randomise(student, 5)
+    labels, noise = torch.tensor([2, 7]), torch.randn(2, 16, 8)
+    x0 = teacher.embed(teacher.encode(images(2)))
+    t = torch.tensor([0, 5])
+    with torch.no_grad():
+        x_t = perturb(x0, noise, t)
+        logits, emb = student(x_t, labels, t)
+        assert logits.shape == (2, 16, 64) and emb.shape == (2, 16, 8)
+        # output i is computed at token i's own position: it sees input i but not input i+1
+        x2 = x_t.clone()
+        x2[:, 9] += 1.0
+        logits2, emb2 = student(x2, labels, t)
+        torch.testing.assert_close(logits2[:, :9], logits[:, :9])
+        assert (emb2[:, 9] - emb[:, 9]).abs().max() > 1e-3
+        # n/d index: the class token and the first t tokens are data
+        assert student.noise_data_index(t, 16).sum(1).tolist() == [1, 6]
+        tokens, fp = final_predict(logits, emb, x_t, t, teacher.codebook)
+        seq = final_sequence(tokens, fp, teacher.codebook, 8)
+        assert seq.shape == (2, 16, 8)
+        torch.testing.assert_close(seq[1, :5], x0[1, :5])  # given tokens snap to their own codes
+        assert teacher.decode_embeddings(seq).shape == (2, 3, 16, 16)
+
+
+def test_student_checkpoint_formats(teacher, tmp_path):
+    student = DDStudent.from_teacher(teacher)
+    randomise(student, 6)
+    x, labels, t = torch.randn(1, 16, 8), torch.tensor([3]), torch.tensor([4])
+    ref = student.eval()(x, labels, t)
+    # ours: self-describing
+    torch.save(checkpoint(student), tmp_path / "ours.pt")
+    # released format: weights under "ema" (what the DD scripts load with --ema), no config
+    torch.save({"ema": student.state_dict(), "model": {}, "steps": 1}, tmp_path / "released.pt")
+    for s in (load_student(tmp_path / "ours.pt"), load_student(tmp_path / "released.pt", config=student.config)):
+        for a, b in zip(s(x, labels, t), ref):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(KeyError, match="lacks"):
+        load_student(tmp_path / "released.pt", config=student.config, ema=False)  # "model" is empty
+
+
+def test_load_teacher_from_release_style_files(teacher, tmp_path):
+    sd = teacher.gpt.state_dict()
+    # released GPT files: under "model", loaded non-strictly (a stray freqs_cis key is ignored)
+    torch.save({"model": {**sd, "freqs_cis": teacher.gpt.freqs_cis}, "steps": 0}, tmp_path / "gpt.pt")
+    torch.save({"model": teacher.tokenizer.state_dict()}, tmp_path / "vq.pt")
+    loaded = load_teacher(tmp_path / "vq.pt", tmp_path / "gpt.pt", TINY_VQ.__dict__, TINY_GPT)
+    labels, sampling = torch.tensor([1]), SamplingConfig(cfg_scale=2.0)
+    state_a, state_b = teacher.begin(labels, sampling), loaded.begin(labels, sampling)
+    torch.testing.assert_close(teacher.next_probs(state_a), loaded.next_probs(state_b))
+    x = images(1)
+    assert torch.equal(loaded.encode(x), teacher.encode(x))
+    # ours carry their config
+    torch.save(checkpoint(teacher.tokenizer), tmp_path / "vq_ours.pt")
+    torch.save(checkpoint(teacher.gpt), tmp_path / "gpt_ours.pt")
+    ours = load_teacher(tmp_path / "vq_ours.pt", tmp_path / "gpt_ours.pt")
+    assert ours.gpt.config == TINY_GPT and ours.tokenizer.config == TINY_VQ
+    # the tokenizer loads strictly (the usage buffer is required, as in the original)
+    bad = dict(teacher.tokenizer.state_dict())
+    bad.pop("quantize.codebook_used")
+    torch.save({"model": bad}, tmp_path / "vq_bad.pt")
+    with pytest.raises(RuntimeError, match="codebook_used"):
+        load_teacher(tmp_path / "vq_bad.pt", tmp_path / "gpt.pt", TINY_VQ, TINY_GPT)
+
+
+# --------------------------------------------------------------------------------------------------
+# training losses of the tiny models
+# --------------------------------------------------------------------------------------------------
+def test_tokenizer_training_loss_decreases():
+    torch.manual_seed(0)
+    vq = VQModel(TINY_VQ).train()
+    opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
+    x = images(4)
+    losses = []
+    for _ in range(15):
+        loss, stats = vq.training_loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert set(stats) >= {"loss", "rec_mse", "codebook", "commit", "codebook_usage"}
+    assert all(isinstance(v, float) for v in stats.values())
+    assert losses[-1] < 0.7 * losses[0]
+    assert vq.encoder.conv_in.weight.grad is not None and vq.quantize.embedding.weight.grad is not None
+    assert stats["codebook_usage"] > 0  # the usage log is written in training mode
+
+
+def test_gpt_training_loss_and_label_dropout():
+    torch.manual_seed(0)
+    gpt = GPT(TINY_GPT).train()
+    idx, labels = torch.randint(0, 64, (200, 16)), torch.randint(0, 10, (200,))
+    loss = gpt.training_loss(idx, labels)
+    # the release init zeroes the logits head: a uniform prediction to start with
+    assert abs(loss.item() - math.log(64)) < 1e-4
+    seen = []
+    h = gpt.cls_embedding.embedding_table.register_forward_hook(lambda m, a, o: seen.append(a[0].clone()))
+    try:
+        gpt.training_loss(idx, labels)
+        gpt.eval()
+        gpt.training_loss(idx, labels)
+    finally:
+        h.remove()
+    dropped = seen[0] == 10
+    assert 0 < dropped.float().mean() < 0.3           # ~class_dropout_prob in training
+    assert torch.equal(seen[-1], labels)              # never in eval
+    opt = torch.optim.Adam(gpt.parameters(), lr=3e-3)
+    gpt.train()
+    first = None
+    for _ in range(20):
+        loss = gpt.training_loss(idx[:2], labels[:2])
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_student_config_from_gpt_and_dict_round_trip():
+    cfg = DDConfig.from_gpt(TINY_GPT, 8)
+    assert cfg.token_dropout_p == 0 and cfg.block_size == 16 and cfg.codebook_dim == 8
+    from dataclasses import asdict
+    assert DDConfig(**asdict(cfg)) == cfg
+    assert VQConfig(**asdict(TINY_VQ)) == TINY_VQ
