@@ -209,7 +209,7 @@ def verify_gpt(blob: dict, path: Path) -> list[CaseResult]:
         rec.close()
         res.append(float_case(f"logits_{name}", logits, o[f"logits_{name}"]))
         res += _debug_cases(f"debug_{name}", rec.out, o[f"debug_{name}"])
-    scale = cfg.get("cfg_scale", 4.0)
+    scale = cfg.get("cfg_scale", cfg["generate_call"]["cfg_scale"])
     res.append(float_case("logits_cfg", cfg_mix(gpt(idx, cond), gpt(idx, null), scale), o["logits_cfg"], TOL_CFG))
     n_short = o["logits_15tok_input_pos"].shape[1] - 1
     res.append(float_case("logits_15tok_input_pos", gpt(idx[:, :n_short], cond), o["logits_15tok_input_pos"]))

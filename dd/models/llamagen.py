@@ -788,7 +788,7 @@ class DDStudent(_Backbone):
         (logits [B, n, V] float, embeddings [B, n, C] float), raw head outputs at every token."""
         cond = self.cls_embedding(labels)                                    # [B, 1, D]
         h = torch.cat([cond, self.tok_embeddings(x)], dim=1)
-        h = h + self.n_d_embed(self.noise_data_index(t.long(), x.shape[1]))
+        h = h + self.n_d_embed(self.noise_data_index(t.to(x.device).long(), x.shape[1]))
         h = self.run_blocks(self.tok_dropout(h))
         logits = self.output(self.norm(h)).float()
         emb = self.final_layer_conti(h, cond).float()                        # on the un-normalised h
@@ -873,8 +873,12 @@ class LlamaGenTeacher(Teacher):
         return self.grid * self.tokenizer.config.downsample_factor
 
     # --- incremental sampling ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.output.weight.device
+
     def begin(self, labels: torch.Tensor, sampling: SamplingConfig) -> ARState:
-        labels = labels.long()
+        labels = labels.long().to(self.device)
         run_labels = labels
         if sampling.cfg_scale > 1.0:
             if not self.gpt.has_null_class:
@@ -892,7 +896,7 @@ class LlamaGenTeacher(Teacher):
         if step >= self.n_steps:
             raise ValueError(f"all {self.n_steps} tokens are already appended")
         if c.last_logits is None or c.n_run < step:
-            idx = torch.cat(state.tokens[c.n_run:], dim=1) if c.n_run < step else None
+            idx = torch.cat(state.tokens[c.n_run:], dim=1).to(self.device) if c.n_run < step else None
             if idx is not None and c.labels.shape[0] != idx.shape[0]:
                 idx = torch.cat([idx, idx])  # both CFG halves see the same tokens
             labels = c.labels if c.kv.length == 0 else None
