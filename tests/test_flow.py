@@ -268,6 +268,19 @@ def test_single_code_and_one_allowed_code():
     assert (flow.flow_map(torch.randn(50, 4), p, torch.randn(10, 4)) == 7).all()
 
 
+def test_codebook_scale_cache_follows_in_place_changes_and_inference_mode():
+    book = make_codebook("unit", 200, 8, 23)
+    spread, resolution = flow.codebook_scale(book)
+    assert spread == pytest.approx(1.0, abs=0.05) and 0 < resolution < spread
+    book.mul_(3.0)                                   # same tensor object, new contents
+    assert flow.codebook_scale(book) == pytest.approx((3 * spread, 3 * resolution))
+    p = make_probs("dirichlet", 200, 24)
+    noise = torch.randn(64, 8, generator=torch.Generator().manual_seed(25))
+    expected = flow.flow_map(noise, p, book.clone())
+    with torch.inference_mode():
+        assert torch.equal(flow.flow_map(noise, p, book * 1.0), expected)
+
+
 def test_float64_inputs():
     codebook = make_codebook("unit", 128, 8, 17)
     p = make_probs("peaked", 128, 18)
