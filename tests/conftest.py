@@ -19,5 +19,5 @@ def golden_dir(family: str) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _deterministic_torch():
     import torch
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # 2 shared cores: oversubscription makes tests 20-100x slower
     yield
