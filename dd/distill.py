@@ -371,3 +371,124 @@ def ema_model(student: nn.Module, ema: EMA) -> nn.Module:
     m = copy.deepcopy(student)
     m.load_state_dict(ema.shadow)
     return m.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: python -m dd distill
+# --------------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    from dd.families import add_teacher_arguments
+
+    add_teacher_arguments(parser)
+    d = DistillConfig()
+    parser.add_argument("--pairs", type=Path, nargs="+", required=True, help="pair shard .bin files")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (last.pt, student.pt)")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=d.timesteps, help="paper notation, first = 1")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    lr = parser.add_mutually_exclusive_group()
+    lr.add_argument("--lr-per-256", dest="lr_per_256", action="store_true", default=True,
+                    help="lr is per 256 samples of batch (VAR, default)")
+    lr.add_argument("--fixed-lr", dest="lr_per_256", action="store_false", help="lr independent of batch (LlamaGen)")
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument("--epochs", type=float, default=d.epochs)
+    steps.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    parser.add_argument("--ema-warmup", action="store_true")
+    parser.add_argument("--emb-loss", choices=["lpips", "mse"], default=d.emb_loss)
+    parser.add_argument("--lpips-net", choices=["vgg", "alex", "squeeze"], default=d.lpips_net)
+    parser.add_argument("--lpips-backbone", default=None, help="local torchvision backbone weights (else random)")
+    parser.add_argument("--ce-weight", type=float, default=d.ce_weight)
+    parser.add_argument("--emb-weight", type=float, default=d.emb_weight)
+    parser.add_argument("--lambda-t", type=float, nargs="+", default=None, help="loss weight per timestep")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--metrics-jsonl", type=Path, default=None, help="default: OUT/metrics.jsonl")
+    parser.add_argument("--eval-every", type=int, default=0, help="FID of 1-/2-step samples every N steps")
+    parser.add_argument("--eval-reference", type=Path, help="reference sample set .npz for --eval-every")
+    parser.add_argument("--eval-num", type=int, default=200)
+    parser.add_argument("--classifier", type=Path, help="digits classifier (feature network for --eval-every)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args) -> DistillConfig:
+    return DistillConfig(
+        timesteps=list(args.timesteps), batch_size=args.batch_size, lr=args.lr, lr_per_256=args.lr_per_256,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ce_weight=args.ce_weight, emb_weight=args.emb_weight,
+        emb_loss=args.emb_loss, lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone,
+        lambda_t=args.lambda_t, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, amp=not args.no_amp)
+
+
+def make_fid_eval(teacher, cfg: DistillConfig, reference: Path, classifier: Path, num: int, seed: int):
+    """eval_fn for ``distill``: FID (digits-classifier features) of 1-step and 2-step samples."""
+    import tempfile
+
+    from dd.evaluate import evaluate_sample_set, write_sample_set
+    from dd.sample import dd_sample
+
+    C = teacher.codebook.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num) % teacher.num_classes
+    noise = torch.randn(num, teacher.n_tokens, C, generator=g)
+    paths = {"1step": [1]} | ({"2step": cfg.timesteps[:2]} if len(cfg.timesteps) > 1 else {})
+
+    def eval_fn(model, step):
+        out = {}
+        for name, path in paths.items():
+            with torch.no_grad():
+                x, _ = dd_sample(model, teacher, labels, noise.to(teacher.codebook.device), path, cfg.timesteps[-1])
+                images = teacher.decode_embeddings(x).cpu()
+            with tempfile.TemporaryDirectory() as d:
+                write_sample_set(Path(d) / "s.npz", images, labels)
+                m = evaluate_sample_set(Path(d) / "s.npz", reference, feature_extractor="digits-classifier",
+                                        weights_path=classifier, isc=False, kid=False, prc=False)
+            out[f"eval/fid_{name}"] = m["fid"]
+        return out
+
+    return eval_fn
+
+
+def main(args) -> int:
+    import json
+
+    from dd.families import model_config, student_from_teacher, teacher_from_args
+    from dd.tracking import JsonlLogger
+
+    cfg = config_from_args(args)  # validates before anything expensive
+    if args.eval_every and not (args.eval_reference and args.classifier):
+        raise SystemExit("distill: --eval-every needs --eval-reference and --classifier")
+    missing = [str(p) for p in args.pairs if not p.is_file()]
+    if missing:
+        raise SystemExit(f"distill: pair shard(s) not found: {', '.join(missing)}")
+    teacher, teacher_id = teacher_from_args(args)
+    if cfg.timesteps[-1] > teacher.n_steps:
+        raise SystemExit(f"distill: timesteps {cfg.timesteps} exceed the teacher's {teacher.n_steps} AR steps")
+    pairs = PairSet(args.pairs, teacher, teacher_id)
+    student = student_from_teacher(teacher)
+    ckpt = Path(args.out) / "last.pt"
+    resume_step = load_checkpoint(ckpt)["step"] if ckpt.is_file() else None
+    logger = JsonlLogger(args.metrics_jsonl or Path(args.out) / "metrics.jsonl", resume_step=resume_step)
+    logger.log_params({"distill": asdict(cfg), "teacher_id": teacher_id, "pairs": len(pairs)})
+    eval_fn = (make_fid_eval(teacher, cfg, args.eval_reference, args.classifier, args.eval_num, args.seed)
+               if args.eval_every else None)
+    try:
+        ck = distill(cfg, teacher, student, pairs, args.out, device=args.device, logger=logger, eval_fn=eval_fn,
+                     eval_every=args.eval_every, progress=not args.no_progress)
+    finally:
+        logger.close()
+    if ck:
+        from dd.io import atomic_torch_save
+
+        atomic_torch_save({"family": teacher.family, "kind": "student", "teacher_id": teacher_id,
+                           "student_config": model_config(student), "timesteps": cfg.timesteps,
+                           "distill_config": asdict(cfg), "step": ck["step"], "ema": ck["ema"], "model": ck["model"]},
+                          Path(args.out) / "student.pt")
+        print(json.dumps({"student": str(Path(args.out) / "student.pt"), "steps": ck["step"]}))
+    return 0

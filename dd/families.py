@@ -224,3 +224,22 @@ def load_student(path: Path, teacher: Teacher, *, ema: bool = True, teacher_id: 
         raise ArtefactError(f"{path}: student predicts {tuple(n_out[0].shape)[1:]} (tokens, vocab) but the teacher has "
                             f"({teacher.n_tokens}, {V})")
     return student.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command-line teacher arguments (shared by generate-pairs, distill, sample, bench)
+# ---------------------------------------------------------------------------------------------------
+def add_teacher_arguments(parser) -> None:
+    g = parser.add_argument_group("teacher")
+    g.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    g.add_argument("--tokenizer", type=Path, required=True, help="tokenizer checkpoint")
+    g.add_argument("--model", type=Path, required=True, help="AR transformer checkpoint")
+    g.add_argument("--released", action="store_true", help="the files are the released checkpoints")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def teacher_from_args(args) -> tuple[Teacher, str]:
+    torch.set_num_threads(max(1, args.threads))
+    spec = {"family": args.family, "tokenizer": args.tokenizer, "model": args.model, "released": args.released}
+    return load_teacher(spec, args.device)

@@ -243,3 +243,46 @@ def generate_shard(teacher: Teacher, spec: ShardSpec, bin_path: Path, *, device:
     fsync_dir(bin_path.parent)
     prog.unlink(missing_ok=True)
     return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: python -m dd generate-pairs
+# --------------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    from dd.families import add_teacher_arguments
+
+    add_teacher_arguments(parser)
+    parser.add_argument("--shard", type=int, required=True, help="shard index (pairs shard*count .. shard*count+count-1)")
+    parser.add_argument("--count", type=int, required=True, help="pairs in this shard")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the whole pair set")
+    parser.add_argument("--out", type=Path, required=True, help="shard file NAME.bin (NAME.json is written beside it)")
+    parser.add_argument("--chunk", type=int, default=32, help="pairs per batch and per committed chunk")
+    parser.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (paper: 2.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="default: the family's released FID setting")
+    parser.add_argument("--top-p", type=float, default=None, help="default: the family's released FID setting")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--nfe", type=int, default=10, help="flow-map solver function evaluations")
+    parser.add_argument("--order", type=int, default=3, help="multistep DPM-Solver++ order")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args) -> int:
+    from dd.families import default_sampling, teacher_from_args
+
+    for name in ("count", "chunk", "nfe"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"generate-pairs: --{name} must be positive, got {getattr(args, name)}")
+    if args.shard < 0:
+        raise SystemExit(f"generate-pairs: --shard must be >= 0, got {args.shard}")
+    if args.out.suffix != ".bin":
+        raise SystemExit(f"generate-pairs: --out must name a .bin file, got {args.out}")
+    over = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p)) if v is not None}
+    sampling = default_sampling(args.family, args.cfg, temperature=args.temperature, **over)
+    teacher, teacher_id = teacher_from_args(args)
+    V, C = teacher.codebook.shape
+    spec = ShardSpec(teacher_id=teacher_id, n_tokens=teacher.n_tokens, codebook_dim=C, vocab_size=V,
+                     num_classes=teacher.num_classes, shard=args.shard, count=args.count, base_seed=args.seed,
+                     chunk=args.chunk, nfe=args.nfe, order=args.order, sampling=asdict(sampling))
+    m = generate_shard(teacher, spec, args.out, device=args.device, progress=not args.no_progress)
+    print(json.dumps({"shard": str(args.out), "count": m["count"], "sha256": m["sha256"], "teacher_id": teacher_id}))
+    return 0

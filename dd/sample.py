@@ -106,3 +106,139 @@ def onestep_star_sample(table: torch.Tensor, labels: torch.Tensor, generator=Non
     B, n, V = p.shape
     idx = torch.multinomial(p.reshape(B * n, V), 1, generator=generator).view(B, n)
     return idx, 1  # one draw from the (idealised) one-step model of Prop. 3.1
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: python -m dd sample
+# --------------------------------------------------------------------------------------------------
+METHODS = ("teacher", "dd", "dd-teacher", "skip", "onestep")
+
+
+def add_arguments(parser) -> None:
+    from pathlib import Path
+
+    from dd.families import add_teacher_arguments
+
+    add_teacher_arguments(parser)
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--num", type=int, required=True, help="images (labels cycle over the classes)")
+    parser.add_argument("--out", type=Path, required=True, help="sample set .npz (.png grid and .json beside it)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg", type=float, default=2.0, help="teacher CFG scale (teacher, skip, dd-teacher)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--student", type=Path, help="student checkpoint (dd, dd-teacher)")
+    parser.add_argument("--released-student", action="store_true", help="--student is a released DD checkpoint")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1], help="DD timestep path, paper notation, from 1")
+    parser.add_argument("--split-step", type=int, default=None,
+                        help="steps before this use the logits head (default: the student's last trained timestep)")
+    parser.add_argument("--start", type=int, help="dd-teacher: first step the teacher regenerates (paper's n)")
+    parser.add_argument("--second", type=int, help="dd-teacher: the DD step after the teacher (paper's m)")
+    parser.add_argument("--skip", type=int, help="skip baseline: number of final AR steps skipped")
+    parser.add_argument("--pairs", type=Path, nargs="+", help="pair shards (onestep* frequencies)")
+
+
+def _check_args(args) -> None:
+    def need(*names):
+        missing = [n for n in names if getattr(args, n.replace("-", "_")) is None]
+        if missing:
+            raise SystemExit(f"sample --method {args.method}: missing --{', --'.join(missing)}")
+
+    if args.num <= 0 or args.batch_size <= 0:
+        raise SystemExit("sample: --num and --batch-size must be positive")
+    if args.method in ("dd", "dd-teacher"):
+        need("student")
+    if args.method == "dd-teacher":
+        need("start", "second")
+    if args.method == "skip":
+        need("skip")
+    if args.method == "onestep":
+        need("pairs")
+
+
+def _n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def main(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from dd.digits import save_grid_png
+    from dd.evaluate import write_sample_set
+    from dd.families import default_sampling, load_student, teacher_from_args
+    from dd.io import atomic_write_json
+
+    _check_args(args)
+    teacher, teacher_id = teacher_from_args(args)
+    device = teacher.codebook.device
+    over = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p)) if v is not None}
+    sampling = default_sampling(args.family, args.cfg, temperature=args.temperature, **over)
+    ar_params = _n_params(teacher) - _n_params(teacher.tokenizer)
+    student = split = table = None
+    if args.method in ("dd", "dd-teacher"):
+        student = load_student(args.student, teacher, teacher_id=None if args.released_student else teacher_id,
+                               released=args.released_student).to(device)
+        trained = ([] if args.released_student else
+                   torch.load(args.student, map_location="cpu", weights_only=False).get("timesteps", []))
+        split = args.split_step or (trained[-1] if trained else args.steps[-1])
+        if not 1 <= split <= teacher.n_steps:
+            raise SystemExit(f"sample: --split-step {split} outside the teacher's steps 1..{teacher.n_steps}")
+        if trained and not set(args.steps) <= set(trained):
+            raise SystemExit(f"sample: --steps {args.steps} are not all trained timesteps {trained}")
+    if args.method == "onestep":
+        from dd.distill import PairSet
+
+        ps = PairSet(args.pairs, teacher, teacher_id)
+        recs = np.concatenate([np.asarray(r) for r in ps.records])
+        table = onestep_star_table(recs["label"], recs["tokens"].astype(np.int64), teacher.num_classes,
+                                   teacher.codebook.shape[0])
+    C = teacher.codebook.shape[1]
+
+    def run_batch(labels, g):
+        if args.method == "teacher":
+            emb, steps = teacher_sample(teacher, labels, sampling, g)
+            return teacher.decode_embeddings(emb), steps, ar_params
+        if args.method == "skip":
+            emb, steps = skip_sample(teacher, labels, args.skip, sampling, g)
+            return teacher.decode_prefix(emb), steps, ar_params
+        if args.method == "onestep":
+            idx, steps = onestep_star_sample(table, labels, g)
+            return teacher.decode_indices(idx.to(device)), steps, 0
+        noise = torch.randn(len(labels), teacher.n_tokens, C, generator=g).to(device)
+        if args.method == "dd":
+            x, steps = dd_sample(student, teacher, labels, noise, args.steps, split)
+            return teacher.decode_embeddings(x), steps, _n_params(student)
+        x, steps = dd_teacher_sample(student, teacher, labels, noise, args.start, args.second, split, sampling, g)
+        return teacher.decode_embeddings(x), steps, _n_params(student) + ar_params
+
+    all_labels = torch.arange(args.num) % teacher.num_classes
+    g = torch.Generator().manual_seed(args.seed)
+    run_batch(all_labels[: args.batch_size].to(device), torch.Generator().manual_seed(args.seed + 1))  # warm-up
+    images, elapsed = [], 0.0
+    for b in range(0, args.num, args.batch_size):
+        labels = all_labels[b: b + args.batch_size].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            img, steps, params = run_batch(labels, g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - t0
+        images.append(img.cpu())
+    images = torch.cat(images)
+    write_sample_set(args.out, images, all_labels)
+    save_grid_png(images, all_labels, Path(args.out).with_suffix(".png"), nrow=10)
+    meta = {"method": args.method, "steps": steps, "seconds_per_image": elapsed / args.num,
+            "batch_size": args.batch_size, "params": params, "num": args.num, "teacher_id": teacher_id,
+            "family": args.family, "seed": args.seed, "sampling": sampling.__dict__,
+            "dd_steps": args.steps if args.method == "dd" else None, "split_step": split,
+            "start": args.start, "second": args.second, "skip": args.skip, "device": str(device),
+            "threads": torch.get_num_threads()}
+    atomic_write_json(Path(args.out).with_suffix(".json"), meta)
+    print(json.dumps(meta))
+    return 0
