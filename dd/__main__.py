@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("dd.sample", "sample images: DD few-step, teacher-involved, teacher and baselines"),
     "evaluate": ("dd.evaluate", "FID / IS / precision / recall of a sample set (torch-fidelity)"),
     "bench": ("dd.bench", "benchmark DD against its teacher side by side"),
+    "digits-reference": ("dd.pipeline", "write the digits reference set (FID reference of the tiny teachers)"),
+    "index-shards": ("dd.pipeline", "check that pair shards form one pair set and write its index"),
+    "track": ("dd.track", "log finished pipeline jobs to the MLflow store"),
+    "report": ("dd.report", "tables (paper Tables 1-2) and figures (Fig. 1/6/7) from the results"),
 }
 
 

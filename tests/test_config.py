@@ -1,0 +1,153 @@
+"""Bad pipeline configurations fail before any job, with a message that names the key and what is allowed."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dd import config as ddconfig
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+PAPER_CONFIGS = ["var_d16", "var_d20", "var_d24", "llamagen_b", "llamagen_l", "released_dd"]
+
+
+def problems_of(config) -> str:
+    with pytest.raises(ddconfig.ConfigError) as e:
+        ddconfig.check_config(config, base_dir=REPO)
+    return str(e.value)
+
+
+def mutated(path: str, value):
+    """The default config with the value at a dotted path (list items as [i]) replaced."""
+    config = copy.deepcopy(DEFAULT)
+    *parents, last = _split(path)
+    node = config
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return config
+
+
+def _split(path: str):
+    out = []
+    for part in path.split("."):
+        if "[" in part:
+            name, *idx = part.replace("]", "").split("[")
+            out += [name, *map(int, idx)]
+        else:
+            out.append(part)
+    return out
+
+
+def leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(node, list) and node:
+        for i, v in enumerate(node):
+            yield from leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
+
+
+def test_default_and_paper_configs_are_valid():
+    ddconfig.check_config(copy.deepcopy(DEFAULT), base_dir=REPO)
+    for name in PAPER_CONFIGS:
+        checked = ddconfig.load_config(REPO / "config" / f"{name}.yaml", base_dir=REPO)
+        for exp_name, exp in checked["experiments"].items():
+            plan = ddconfig.plan(exp_name, exp, REPO)
+            if "pairs" in exp and not exp["teacher"].get("released_student"):
+                assert len(plan.shards) == exp["pairs"]["num_pairs"] // exp["pairs"]["shard_size"]
+
+
+LEAVES = [(k, v) for k, v in leaves(DEFAULT)]
+
+
+@pytest.mark.parametrize("key,value", LEAVES, ids=[k for k, _ in LEAVES])
+def test_every_key_of_the_default_config_is_typed(key, value):
+    """A value of the wrong type at any key of config/config.yaml is reported under that key."""
+    wrong = {"not": "a scalar"} if not isinstance(value, dict) else "a string"
+    message = problems_of(mutated(key, wrong))
+    # list items are reported at the item or at the list itself
+    reported = key.split("[")[0]
+    assert reported in message, message
+
+
+# (dotted key, bad value, words the message must contain): distinct kinds of mistakes
+BAD_VALUES = [
+    ("threads", 0, ["threads"]),                                                         # non-positive count
+    ("device", "tpu", ["device", "cpu"]),                                                # unknown enum value
+    ("experiments.tiny_var.pairs.num_pairs", -5, ["num_pairs"]),                         # negative count
+    ("experiments.tiny_var.pairs.shard_size", 700, ["num_pairs", "shard"]),              # shards do not divide
+    ("experiments.tiny_var.teacher.family", "diffusion", ["family", "var"]),             # unknown family
+    ("experiments.tiny_var.teacher.name", "var_d99", ["name"]),                          # unknown teacher
+    ("experiments.tiny_var.teacher.name", "llamagen_b", ["llamagen", "family"]),         # teacher of another family
+    ("experiments.tiny_var.teacher.tiny_config", "config/tiny/nope.yaml", ["tiny_config", "not found"]),  # missing file
+    ("experiments.tiny_var.teacher.tiny_config", "config/tiny/llamagen.yaml", ["tiny_config", "llamagen"]),  # wrong file
+    ("experiments.tiny_var.distill.timesteps", [2, 3], ["timesteps"]),                   # not starting at step 1
+    ("experiments.tiny_var.distill.timesteps", [1, 9], ["timesteps", "last step 4"]),    # beyond the last step
+    ("experiments.tiny_var.distill.timesteps", [1, 3, 2], ["timesteps"]),                # not increasing
+    ("experiments.tiny_var.distill.lr", 0, ["lr"]),                                      # zero learning rate
+    ("experiments.tiny_var.distill.ema_decay", 1.5, ["ema_decay"]),                      # out of [0, 1)
+    ("experiments.tiny_var.distill.emb_loss", "l1", ["emb_loss", "lpips"]),              # unknown loss
+    ("experiments.tiny_var.sample.dd_steps", [3], ["dd_steps"]),                         # more steps than timesteps
+    ("experiments.tiny_var.sample.skip", [4], ["skip"]),                                 # skips every step
+    ("experiments.tiny_var.sample.dd_teacher_starts", [3], ["dd_teacher_starts"]),       # starts at/after m
+    ("experiments.tiny_var.evaluation.reference", "fid_imagenet256", ["reference"]),     # wrong reference
+    ("experiments.tiny_var.ablations.pair_set_sizes", [800], ["pair_set_sizes"]),        # not whole shards
+    ("experiments.tiny_var.ablations.timesteps", [[1, 3]], ["already distilled"]),       # duplicate run
+    ("mlflow.enabled", "yes", ["mlflow.enabled"]),                                       # string for boolean
+]
+
+
+@pytest.mark.parametrize("key,value,words", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
+def test_bad_values_name_the_key(key, value, words):
+    message = problems_of(mutated(key, value))
+    for w in words:
+        assert w in message, f"{w!r} not in:\n{message}"
+
+
+def test_unknown_keys_are_rejected():
+    config = mutated("experiments.tiny_var.pairs.numpairs", 10)
+    assert "numpairs" in problems_of(config)
+
+
+def test_all_problems_are_reported_at_once():
+    config = mutated("threads", -1)
+    config["experiments"]["tiny_llamagen"]["sample"]["num"] = 0
+    message = problems_of(config)
+    assert "threads" in message and "experiments.tiny_llamagen.sample.num" in message
+
+
+def test_gpu_resources_need_a_cuda_device():
+    config = mutated("experiments.tiny_var.resources", {"pairs": {"gpu": 1}})
+    assert "experiments.tiny_var.resources.pairs.gpu" in problems_of(config)
+
+
+def test_missing_or_invalid_config_files(tmp_path):
+    with pytest.raises(ddconfig.ConfigError, match="not found"):
+        ddconfig.load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiments: [unclosed\n")
+    with pytest.raises(ddconfig.ConfigError, match="not valid YAML"):
+        ddconfig.load_config(bad)
+
+
+@pytest.mark.skipif(not (REPO / "Snakefile").exists(), reason="no Snakefile")
+def test_snakemake_dry_run_fails_before_any_job_naming_the_key(tmp_path):
+    bad = mutated("experiments.tiny_var.distill.timesteps", [1, 7])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(REPO / "Snakefile"),
+                        "--configfile", str(path), "--directory", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "experiments.tiny_var.distill.timesteps" in out and "last step 4" in out, out[-3000:]
+    assert "Job stats" not in out
+    assert not (tmp_path / "work" / "results").exists()

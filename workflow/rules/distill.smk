@@ -1,0 +1,100 @@
+# Distillation (paper Alg. 2): the main run of each experiment and the ablation runs of Fig. 6 / Fig. 7.
+# A job with several GPUs runs data-parallel through torchrun. A killed job resumes from DIR/last.pt (written
+# atomically by `dd distill`); the loss curve is kept in DIR/train_metrics.jsonl, which Snakemake never deletes,
+# and copied to the declared output once training has finished.
+
+localrules: track_distill
+
+
+def distill_run(wildcards):
+    return P(wildcards).runs[wildcards.run]
+
+
+def distill_inputs(wildcards):
+    p, run = P(wildcards), distill_run(wildcards)
+    d = exp_config(wildcards)["distill"]
+    inputs = {**teacher_inputs(wildcards), "index": p.out("pairs", "index.json"), "shards": run.shards}
+    if run.eval_every:
+        inputs.update(reference=p.reference, classifier=p.feature_weights)
+    if d["emb_loss"] == "lpips" and d["lpips_backbone_url"]:
+        inputs["lpips_backbone"] = ddconfig.download_path(d["lpips_backbone_url"])
+    return inputs
+
+
+def distill_options(wildcards, input):
+    run, d = distill_run(wildcards), exp_config(wildcards)["distill"]
+    opts = [f"--timesteps {' '.join(map(str, run.timesteps))}", f"--batch-size {d['batch_size']}",
+            f"--lr {d['lr']}", "--lr-per-256" if d["lr_per_256"] else "--fixed-lr",
+            f"--max-steps {run.max_steps}" if run.max_steps is not None else f"--epochs {run.epochs}",
+            f"--ema-decay {d['ema_decay']}", f"--emb-loss {d['emb_loss']}", f"--ce-weight {d['ce_weight']}",
+            f"--emb-weight {d['emb_weight']}", f"--checkpoint-every {d['checkpoint_every']}", f"--seed {d['seed']}"]
+    if d["ema_warmup"]:
+        opts.append("--ema-warmup")
+    if "lpips_backbone" in input.keys():
+        opts.append(f"--lpips-backbone {input.lpips_backbone}")
+    if run.eval_every:
+        opts.append(f"--eval-every {run.eval_every} --eval-reference {input.reference} --classifier {input.classifier}")
+    return " ".join(opts)
+
+
+def distill_launcher(wildcards, resources):
+    if resources.gpu > 1:
+        return f"torchrun --standalone --nproc_per_node={resources.gpu} -m dd"
+    return PY
+
+
+rule distill:
+    input:
+        unpack(distill_inputs),
+    output:
+        student="results/{experiment}/distill/{run}/student.pt",
+        metrics="results/{experiment}/distill/{run}/metrics.jsonl",
+    params:
+        launcher=distill_launcher,
+        teacher=lambda wc, threads: teacher_args(wc, threads),
+        options=distill_options,
+        dir=lambda wc: f"results/{wc.experiment}/distill/{wc.run}",
+    log:
+        "results/{experiment}/logs/distill/{run}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/distill/{run}.tsv"
+    threads: stage_threads("distill")
+    resources:
+        gpu=stage_resource("distill", "gpu"),
+        mem_mb=stage_resource("distill", "mem_mb"),
+        runtime=stage_resource("distill", "runtime"),
+    shell:
+        "{params.launcher} distill {params.teacher} --pairs {input.shards} --out {params.dir} {params.options}"
+        " --metrics-jsonl {params.dir}/train_metrics.jsonl > {log} 2>&1"
+        " && cp {params.dir}/train_metrics.jsonl {output.metrics}"
+
+
+rule track_distill:
+    """MLflow: a child run per distillation with its loss curve and periodic FID."""
+    input:
+        metrics="results/{experiment}/distill/{run}/metrics.jsonl",
+    output:
+        "results/{experiment}/mlflow/distill-{run}.json",
+    params:
+        spec=lambda wc, input: json.dumps({"runs": [{
+            "job": f"distill/{wc.run}",
+            "tags": {"stage": "distill", "family": P(wc).family, "teacher": P(wc).teacher_label,
+                     "timesteps": " ".join(map(str, distill_run(wc).timesteps)),
+                     "ablation": distill_run(wc).ablation or "main"},
+            "params": {**exp_config(wc)["distill"], "timesteps": distill_run(wc).timesteps,
+                       "max_steps": distill_run(wc).max_steps, "epochs": distill_run(wc).epochs,
+                       "eval_every": distill_run(wc).eval_every, "num_pairs": distill_run(wc).pairs,
+                       "num_shards": len(distill_run(wc).shards)},
+            "metrics_jsonl": input.metrics,
+            "benchmark": f"results/{wc.experiment}/benchmarks/distill/{wc.run}.tsv"}]}),
+        track=lambda wc: track_cmd("runs", wc),
+    log:
+        "results/{experiment}/logs/mlflow/distill-{run}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/mlflow/distill-{run}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "{params.track} --spec {params.spec:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,113 @@
+# Evaluation: one job per sample set, FID / IS / precision / recall / KID by torch-fidelity against the data
+# (the digits with the digits classifier, or ImageNet-256 with Inception), and FID / KID against the teacher's
+# own samples (the distillation gap).
+
+localrules: track_samples
+
+
+def evaluation_options(wildcards):
+    ev, device = exp_config(wildcards)["evaluation"], DEVICE
+    return (f"--feature-extractor {ev['feature_extractor']} --device {device} --batch-size {ev['batch_size']}"
+            f" --isc-splits {ev['isc_splits']} --kid-subsets {ev['kid_subsets']}")
+
+
+rule evaluate:
+    input:
+        samples="results/{experiment}/samples/{set}.npz",
+        reference=lambda wc: P(wc).reference,
+        weights=lambda wc: P(wc).feature_weights,
+    output:
+        "results/{experiment}/metrics/{set}.json",
+    params:
+        options=evaluation_options,
+    log:
+        "results/{experiment}/logs/metrics/{set}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/metrics/{set}.tsv"
+    threads: stage_threads("evaluate")
+    resources:
+        gpu=stage_resource("evaluate", "gpu"),
+        mem_mb=stage_resource("evaluate", "mem_mb"),
+        runtime=stage_resource("evaluate", "runtime"),
+    shell:
+        "{PY} evaluate --samples {input.samples} --reference {input.reference} --weights {input.weights}"
+        " {params.options} --out {output} > {log} 2>&1"
+
+
+rule evaluate_vs_teacher:
+    input:
+        samples="results/{experiment}/samples/{set}.npz",
+        teacher="results/{experiment}/samples/teacher.npz",
+        weights=lambda wc: P(wc).feature_weights,
+    output:
+        "results/{experiment}/metrics/{set}.vs_teacher.json",
+    params:
+        options=evaluation_options,
+    log:
+        "results/{experiment}/logs/metrics/{set}.vs_teacher.log",
+    benchmark:
+        "results/{experiment}/benchmarks/metrics/{set}.vs_teacher.tsv"
+    threads: stage_threads("evaluate")
+    resources:
+        gpu=stage_resource("evaluate", "gpu"),
+        mem_mb=stage_resource("evaluate", "mem_mb"),
+        runtime=stage_resource("evaluate", "runtime"),
+    shell:
+        "{PY} evaluate --samples {input.samples} --reference {input.teacher} --weights {input.weights}"
+        " {params.options} --no-isc --no-prc --out {output} > {log} 2>&1"
+
+
+def set_names(wildcards):
+    return list(P(wildcards).sets)
+
+
+def vs_teacher_sets(wildcards):
+    if not exp_config(wildcards)["evaluation"]["vs_teacher"]:
+        return []
+    return [s for s in P(wildcards).sets if s != "teacher"]
+
+
+def track_samples_inputs(wildcards):
+    p = P(wildcards)
+    return {"info": [p.out("samples", f"{s}.json") for s in p.sets],
+            "metrics": [p.out("metrics", f"{s}.json") for s in p.sets],
+            "vs_teacher": [p.out("metrics", f"{s}.vs_teacher.json") for s in vs_teacher_sets(wildcards)]}
+
+
+def track_samples_spec(wildcards):
+    p = P(wildcards)
+    runs = []
+    for name, s in p.sets.items():
+        metrics = {"": p.out("metrics", f"{name}.json"), "sample": p.out("samples", f"{name}.json")}
+        if name in vs_teacher_sets(wildcards):
+            metrics["vs_teacher"] = p.out("metrics", f"{name}.vs_teacher.json")
+        runs.append({"job": f"sample/{name}",
+                     "tags": {"stage": "sample", "family": p.family, "teacher": p.teacher_label, "method": s.method,
+                              "set": name},
+                     "tags_from": {"steps": [p.out("samples", f"{name}.json"), "steps"]},
+                     "params_json": [p.out("samples", f"{name}.json")],
+                     "metrics_json": metrics,
+                     "benchmark": p.out("benchmarks", "samples", f"{name}.tsv"),
+                     "artifacts": [[p.out("samples", f"{name}.png"), "grids"]]})
+    return json.dumps({"runs": runs})
+
+
+rule track_samples:
+    """MLflow: a child run per sample set with its metrics, timing and sample grid."""
+    input:
+        unpack(track_samples_inputs),
+    output:
+        "results/{experiment}/mlflow/samples.json",
+    params:
+        spec=track_samples_spec,
+        track=lambda wc: track_cmd("runs", wc),
+    log:
+        "results/{experiment}/logs/mlflow/samples.log",
+    benchmark:
+        "results/{experiment}/benchmarks/mlflow/samples.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "{params.track} --spec {params.spec:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,77 @@
+# Pair generation (paper Alg. 1): one job per shard, then an index that checks the shards form one pair set.
+# A killed shard job resumes from its last committed chunk when Snakemake reruns it (the partial data lives in
+# NAME.bin.part beside the output, which Snakemake does not delete).
+
+localrules: track_shards
+
+
+def shard_paths(wildcards):
+    return P(wildcards).shards
+
+
+rule generate_pairs:
+    input:
+        unpack(teacher_inputs),
+    output:
+        bin="results/{experiment}/pairs/shard_{shard}.bin",
+        manifest="results/{experiment}/pairs/shard_{shard}.json",
+    params:
+        teacher=lambda wc, threads: teacher_args(wc, threads),
+        shard_index=lambda wc: int(wc.shard),
+        shard_size=lambda wc: exp_config(wc)["pairs"]["shard_size"],
+        seed=lambda wc: exp_config(wc)["pairs"]["seed"],
+        chunk=lambda wc: exp_config(wc)["pairs"]["chunk"],
+        solver=lambda wc: f"--nfe {exp_config(wc)['pairs']['nfe']} --order {exp_config(wc)['pairs']['order']}",
+        sampling=lambda wc: sampling_args(exp_config(wc)["pairs"]),
+    log:
+        "results/{experiment}/logs/pairs/shard_{shard}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/pairs/shard_{shard}.tsv"
+    threads: stage_threads("pairs")
+    resources:
+        gpu=stage_resource("pairs", "gpu"),
+        mem_mb=stage_resource("pairs", "mem_mb"),
+        runtime=stage_resource("pairs", "runtime"),
+    shell:
+        "{PY} generate-pairs {params.teacher} --shard {params.shard_index} --count {params.shard_size}"
+        " --seed {params.seed} --chunk {params.chunk} {params.solver} {params.sampling} --out {output.bin}"
+        " --no-progress > {log} 2>&1"
+
+
+rule shard_index:
+    """Merge step: check that all shards belong to one pair set (teacher, settings, sizes, checksums)."""
+    input:
+        shard_paths,
+    output:
+        "results/{experiment}/pairs/index.json",
+    log:
+        "results/{experiment}/logs/pairs/index.log",
+    benchmark:
+        "results/{experiment}/benchmarks/pairs/index.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=60,
+    shell:
+        "{PY} index-shards --out {output} {input} > {log} 2>&1"
+
+
+rule track_shards:
+    """MLflow: a child run per pair shard (its manifest and the job's time and memory)."""
+    input:
+        "results/{experiment}/pairs/index.json",
+    output:
+        "results/{experiment}/mlflow/pairs.json",
+    params:
+        track=lambda wc: track_cmd("shards", wc),
+    log:
+        "results/{experiment}/logs/mlflow/pairs.log",
+    benchmark:
+        "results/{experiment}/benchmarks/mlflow/pairs.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=60,
+    shell:
+        "{params.track} --index {input} --benchmarks results/{wildcards.experiment}/benchmarks/pairs"
+        " --out {output} > {log} 2>&1"
