@@ -26,6 +26,18 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
 from dd import config as ddconfig
+from dd import snakemake_locks
+
+# A run killed with SIGKILL leaves its directory locks behind; clear them when their owner is provably gone, so that
+# `snakemake --cores 2 --rerun-incomplete` resumes without a manual `--unlock` (see dd/snakemake_locks.py).
+_stale = snakemake_locks.clear_stale_locks(".snakemake")
+if _stale:
+    print(f"Removed stale Snakemake locks of killed run(s) {', '.join(_stale)}", file=sys.stderr)
+
+
+onstart:
+    snakemake_locks.record_owner(".snakemake")
+
 
 # The embedded default, unless the command line names config files (then only those: a paper configuration
 # replaces the default experiments instead of being merged into them).

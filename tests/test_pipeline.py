@@ -1,0 +1,158 @@
+"""The whole workflow through Snakemake on a small configuration of the embedded default (both families).
+
+One full run (A) checks the products: tables with the agreed columns and method names, figures, the MLflow
+store (one run per job), and that nothing is written outside results/. A second run (B), started from a clean
+folder, has its whole Snakemake process group SIGKILLed in the middle of pair generation and is rerun with
+``--rerun-incomplete`` as a user would; its pair shards must be byte-identical to run A's (the teachers are
+retrained from scratch in B too, so this also shows the default is bit-reproducible run to run).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE_COLUMNS = ["teacher", "method", "steps", "fid", "is", "precision", "recall", "seconds_per_image", "speedup"]
+
+pytestmark = pytest.mark.skipif(not (REPO / "Snakefile").exists(), reason="no Snakefile in this checkout")
+
+
+def small_config(folder: Path) -> Path:
+    """config/config.yaml shrunk: 1-2 training epochs, 2 shards of 24 pairs, 12 distillation steps, 40 samples."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for name, exp in config["experiments"].items():
+        family = exp["teacher"]["family"]
+        tiny = yaml.safe_load((REPO / "config" / "tiny" / f"{family}.yaml").read_text())
+        tiny["tokenizer"]["train"]["epochs"] = 1
+        tiny["teacher"]["train"]["epochs"] = 2
+        tiny_path = folder / f"tiny_{family}.yaml"
+        tiny_path.write_text(yaml.safe_dump(tiny))
+        exp["teacher"]["tiny_config"] = str(tiny_path)
+        exp["pairs"].update(num_pairs=48, shard_size=24, chunk=8)
+        exp["distill"].update(batch_size=16, max_steps=12, checkpoint_every=4, eval_every=6)
+        exp["sample"].update(num=40, batch_size=20)
+        exp["evaluation"].update(batch_size=20)
+        if family == "var":
+            exp["ablations"] = {"timesteps": [[1, 2]], "pair_set_sizes": [24], "max_steps": 6, "eval_every": 3}
+        else:
+            exp["sample"].update(skip=[2, 8], dd_teacher_starts=[5])
+    path = folder / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(workdir: Path, configfile: Path, *extra: str, **kw) -> subprocess.Popen:
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "-s", str(REPO / "Snakefile"),
+           "--directory", str(workdir), *extra, "--configfile", str(configfile)]   # --configfile takes nargs
+    # output to a file, not a pipe: an unread pipe would fill up and stall Snakemake
+    log = open(workdir.with_name(workdir.name + f"-{time.monotonic_ns()}.log"), "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    proc.wait(timeout=timeout)
+    out = output(proc)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    configfile = small_config(folder)
+    t0 = time.monotonic()
+    out = finish(snakemake(folder / "a", configfile))
+    print(f"\n[pipeline] small configuration, both families: {time.monotonic() - t0:.0f} s")
+    return folder, configfile, out
+
+
+def test_tables_figures_and_report(run_a):
+    folder, _, _ = run_a
+    results = folder / "a" / "results"
+    for exp, family in (("tiny_var", "var"), ("tiny_llamagen", "llamagen")):
+        t1 = pd.read_csv(results / exp / "tables" / "table1.csv")
+        t2 = pd.read_csv(results / exp / "tables" / "table2.csv")
+        for t in (t1, t2):
+            assert list(t.columns[:len(TABLE_COLUMNS)]) == TABLE_COLUMNS or set(TABLE_COLUMNS) <= set(t.columns)
+            assert t[["fid", "precision", "recall", "seconds_per_image", "speedup"]].notna().all().all()
+        methods = set(t1["method"])
+        assert {"teacher", "onestep*", "dd"} <= methods
+        assert any(m.startswith("skip-") for m in methods)
+        assert sorted(t1.loc[t1["method"] == "dd", "steps"]) == [1, 2]
+        assert set(t2["method"]) - {"teacher"} and all(m.startswith("dd-teacher-") for m in t2["method"]
+                                                        if m != "teacher")
+        teacher_row = t1[t1["method"] == "teacher"].iloc[0]
+        assert teacher_row["speedup"] == pytest.approx(1.0)
+        assert (results / exp / "tables" / "table1.md").read_text().count("|") > 20
+        assert (results / exp / "figures" / "fig1_fid_vs_time.png").stat().st_size > 1000
+    for fig in ("fig6_fid_vs_progress_timesteps.png", "fig7_fid_vs_progress_pair_sets.png"):
+        assert (results / "tiny_var" / "figures" / fig).stat().st_size > 1000
+    # nothing outside results/ (and Snakemake's own folder)
+    assert {p.name for p in (folder / "a").iterdir()} <= {"results", "resources", ".snakemake"}
+
+
+def test_mlflow_has_one_run_per_job(run_a):
+    pytest.importorskip("mlflow")
+    from dd.tracking_mlflow import MlflowStore
+
+    folder, _, _ = run_a
+    store = MlflowStore(folder / "a" / "results" / "mlflow.db", "distilled-decoding")
+    for exp in ("tiny_var", "tiny_llamagen"):
+        assert len(store.find_runs(exp)) == 1
+        runs = store.client.search_runs([store.experiment_id()], max_results=1000,
+                                        filter_string=f"tags.`dd.experiment` = '{exp}' and tags.`dd.role` = 'child'")
+        jobs = [r.data.tags["dd.job"] for r in runs]
+        assert len(jobs) == len(set(jobs)), sorted(jobs)
+        assert "distill/main" in jobs or any(j.startswith("distill/") for j in jobs)
+        assert any(j.startswith("pairs/shard_") for j in jobs)
+        sample_runs = [r for r in runs if r.data.tags["dd.job"].startswith("sample/")]
+        assert sample_runs and all("fid" in r.data.metrics for r in sample_runs)
+        distill = [r for r in runs if r.data.tags["dd.job"].startswith("distill/")]
+        history = store.client.get_metric_history(distill[0].info.run_id, "train/loss")
+        assert len(history) >= 2
+
+
+def test_killed_snakemake_then_rerun_incomplete_gives_identical_shards(run_a):
+    folder, configfile, _ = run_a
+    workdir = folder / "b"
+    proc = snakemake(workdir, configfile, "pair_sets")
+    pairs = workdir / "results" / "tiny_var" / "pairs"
+    # kill the whole process group while a shard is half written (some chunks committed to its .part file)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.stat().st_size > 0 for p in pairs.glob("shard_*.bin.part") if p.exists()):
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail("the run ended before it could be killed:\n" + output(proc)[-4000:])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = sorted(p.name for p in pairs.glob("shard_*.bin.part"))
+    print(f"\n[pipeline] SIGKILLed the snakemake process group with partial shards {partial}")
+    out = finish(snakemake(workdir, configfile, "pair_sets", "--rerun-incomplete"))
+    print(f"\n[pipeline] rerun after SIGKILL: {out.count('Finished jobid')} jobs")
+    for exp in ("tiny_var", "tiny_llamagen"):
+        a = sorted((folder / "a" / "results" / exp / "pairs").glob("shard_*.bin"))
+        b = sorted((workdir / "results" / exp / "pairs").glob("shard_*.bin"))
+        assert [p.name for p in a] == [p.name for p in b] and a
+        for pa, pb in zip(a, b):
+            assert pa.read_bytes() == pb.read_bytes(), f"{exp}/{pa.name} differs between runs"
+        assert not list((workdir / "results" / exp / "pairs").glob("*.part*"))
