@@ -26,7 +26,10 @@ def dd_step(student: nn.Module, teacher: Teacher, x: torch.Tensor, noise: torch.
     begin = _begin(teacher, step, B, x.device)
     x_t = perturb(x, noise, begin)
     logits, emb = student(x_t, labels, torch.full((B,), step - 1, device=x.device, dtype=torch.long))
-    tokens, logits = final_predict(logits, emb, x_t, begin, teacher.codebook)
+    if teacher.step_begin(step - 1) > 0:
+        tokens, logits = final_predict(logits, emb, x_t, begin, teacher.codebook)
+    else:                                # nothing is given at step 1: Eq. 6 keeps the network outputs as they are
+        tokens = emb
     return final_sequence(tokens, logits, teacher.codebook, teacher.step_begin(split_step - 1))
 
 
