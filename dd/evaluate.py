@@ -388,6 +388,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kid-subset-size", type=int, default=1000, help="lowered to the smaller set's size")
     parser.add_argument("--prc-neighborhood", type=int, default=3)
     parser.add_argument("--cache-dir", help="cache features here, keyed by content (default: no cache)")
+    parser.add_argument("--vs-samples", help="a second reference, e.g. the teacher's own sample set: FID and KID of "
+                                             "the samples against it (the distillation gap), in the same process")
+    parser.add_argument("--vs-key", default="vs_teacher",
+                        help="the --vs-samples metrics go into the output JSON under this key")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -404,9 +408,22 @@ def main(args: argparse.Namespace) -> int:
         classifier = args.classifier or (args.weights if args.feature_extractor == DIGITS_EXTRACTOR else None)
         if classifier is not None and samples.labels is not None:
             metrics["classifier_accuracy"] = classifier_accuracy(samples, classifier, device=args.device)
+        vs = None
+        if args.vs_samples:
+            vs = evaluate_sample_set(
+                samples, load_sample_set(args.vs_samples),
+                feature_extractor=args.feature_extractor, weights_path=args.weights,
+                fid=not args.no_fid, isc=False, kid=not args.no_kid, prc=False,
+                device=args.device, batch_size=args.batch_size, seed=args.seed,
+                kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, cache_dir=args.cache_dir,
+            )
+            if "classifier_accuracy" in metrics:
+                vs["classifier_accuracy"] = metrics["classifier_accuracy"]
     except (ValueError, FileNotFoundError) as e:  # SampleSetError is a ValueError
         print(f"python -m dd evaluate: error: {e}", file=sys.stderr)
         return 2
+    if vs is not None:
+        metrics[args.vs_key] = vs
     if args.out:
         atomic_write_json(args.out, metrics)
     print(json.dumps(metrics, indent=2, sort_keys=True))

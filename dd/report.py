@@ -6,7 +6,7 @@
 
 ``tables`` reads, for every sample set S, ``DIR/samples/S.json`` (written by ``dd sample``: method, steps =
 network passes per image, seconds_per_image, batch_size, params), ``DIR/metrics/S.json`` (``dd evaluate`` against
-the data) and, when present, ``DIR/metrics/S.vs_teacher.json`` (against the teacher's samples), and writes
+the data; its ``vs_teacher`` part, when present, against the teacher's own samples), and writes
 ``DIR/tables/table1.{csv,md}`` (teacher, skip-n, onestep*, DD 1/2-step: paper Table 1) and
 ``DIR/tables/table2.{csv,md}`` (teacher and the teacher-involved pre-trained-n-m sets: paper Table 2).
 
@@ -71,8 +71,7 @@ def collect_rows(result_dir: str | Path, sets: list[str], teacher: str) -> pd.Da
     for name in sets:
         info = _read(result_dir / "samples" / f"{name}.json")
         metrics = _read(result_dir / "metrics" / f"{name}.json")
-        vs_path = result_dir / "metrics" / f"{name}.vs_teacher.json"
-        vs = _read(vs_path) if vs_path.is_file() else {}
+        vs = metrics.get("vs_teacher") or {}          # FID against the teacher's own samples (same job)
         rows.append({
             "teacher": teacher, "method": method_of(name), "steps": info.get("steps"),
             "fid": metrics.get("fid"), "is": metrics.get("isc_mean"), "precision": metrics.get("precision"),

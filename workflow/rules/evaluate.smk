@@ -11,15 +11,28 @@ def evaluation_options(wildcards):
             f" --isc-splits {ev['isc_splits']} --kid-subsets {ev['kid_subsets']}")
 
 
+def evaluate_inputs(wildcards):
+    inputs = {"samples": f"results/{wildcards.experiment}/samples/{wildcards.set}.npz",
+              "reference": P(wildcards).reference, "weights": P(wildcards).feature_weights}
+    if wildcards.set in vs_teacher_sets(wildcards):
+        inputs["teacher"] = f"results/{wildcards.experiment}/samples/teacher.npz"
+    return inputs
+
+
+def vs_teacher_option(wildcards, input):
+    return f"--vs-samples {input.teacher} --vs-key vs_teacher" if "teacher" in input.keys() else ""
+
+
 rule evaluate:
+    """Metrics against the data and, in the same process (one feature extraction of the samples), FID / KID against
+    the teacher's own samples (``vs_teacher`` in the JSON)."""
     input:
-        samples="results/{experiment}/samples/{set}.npz",
-        reference=lambda wc: P(wc).reference,
-        weights=lambda wc: P(wc).feature_weights,
+        unpack(evaluate_inputs),
     output:
         "results/{experiment}/metrics/{set}.json",
     params:
         options=evaluation_options,
+        vs_teacher=vs_teacher_option,
     log:
         "results/{experiment}/logs/metrics/{set}.log",
     benchmark:
@@ -31,30 +44,7 @@ rule evaluate:
         runtime=stage_resource("evaluate", "runtime"),
     shell:
         "{PY} evaluate --samples {input.samples} --reference {input.reference} --weights {input.weights}"
-        " {params.options} --out {output} > {log} 2>&1"
-
-
-rule evaluate_vs_teacher:
-    input:
-        samples="results/{experiment}/samples/{set}.npz",
-        teacher="results/{experiment}/samples/teacher.npz",
-        weights=lambda wc: P(wc).feature_weights,
-    output:
-        "results/{experiment}/metrics/{set}.vs_teacher.json",
-    params:
-        options=evaluation_options,
-    log:
-        "results/{experiment}/logs/metrics/{set}.vs_teacher.log",
-    benchmark:
-        "results/{experiment}/benchmarks/metrics/{set}.vs_teacher.tsv"
-    threads: stage_threads("evaluate")
-    resources:
-        gpu=stage_resource("evaluate", "gpu"),
-        mem_mb=stage_resource("evaluate", "mem_mb"),
-        runtime=stage_resource("evaluate", "runtime"),
-    shell:
-        "{PY} evaluate --samples {input.samples} --reference {input.teacher} --weights {input.weights}"
-        " {params.options} --no-isc --no-prc --out {output} > {log} 2>&1"
+        " {params.options} {params.vs_teacher} --out {output} > {log} 2>&1"
 
 
 def set_names(wildcards):
@@ -70,8 +60,7 @@ def vs_teacher_sets(wildcards):
 def track_samples_inputs(wildcards):
     p = P(wildcards)
     return {"info": [p.out("samples", f"{s}.json") for s in p.sets],
-            "metrics": [p.out("metrics", f"{s}.json") for s in p.sets],
-            "vs_teacher": [p.out("metrics", f"{s}.vs_teacher.json") for s in vs_teacher_sets(wildcards)]}
+            "metrics": [p.out("metrics", f"{s}.json") for s in p.sets]}
 
 
 def track_samples_spec(wildcards):
@@ -79,8 +68,6 @@ def track_samples_spec(wildcards):
     runs = []
     for name, s in p.sets.items():
         metrics = {"": p.out("metrics", f"{name}.json"), "sample": p.out("samples", f"{name}.json")}
-        if name in vs_teacher_sets(wildcards):
-            metrics["vs_teacher"] = p.out("metrics", f"{name}.vs_teacher.json")
         runs.append({"job": f"sample/{name}",
                      "tags": {"stage": "sample", "family": p.family, "teacher": p.teacher_label, "method": s.method,
                               "set": name},
