@@ -205,7 +205,7 @@ def test_non_viewable_broadcast_probs():
 def test_memory_stays_bounded_for_huge_broadcast_problem():
     # N x V x C = 8e3 x 16384 x 32 would be 17 GB; probs materialised would be 0.5 GB
     script = textwrap.dedent("""
-        import resource, torch
+        import torch
         from dd import flow
         torch.set_num_threads(2)
         def rss_mb():
@@ -219,15 +219,13 @@ def test_memory_stays_bounded_for_huge_broadcast_problem():
         flow.flow_map(noise[:10], p.expand(10, V), book)   # warm up allocator / libraries
         before = rss_mb()
         idx = flow.flow_map(noise, p.expand(N, V), book)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM: this process image's own peak (ru_maxrss would include the forking pytest's RSS,
+        # which Linux carries across exec: that made this test fail in CI after many other tests)
+        peak = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024
         assert idx.shape == (N,)
         print(before, peak)
     """)
-    # A fixed glibc mmap threshold: with the default dynamic one, freed 4 MB chunk buffers can stay
-    # in fragmented heap arenas on some runs (seen in CI: +870 MB RSS with live tensors of a few MB),
-    # which measures the allocator, not whether flow_map materialises the [N, V] broadcast.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", MALLOC_ARENA_MAX="2",
-               PYTHONPATH=os.pathsep.join([str(flow.__file__).rsplit("/dd/", 1)[0],
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(flow.__file__).rsplit("/dd/", 1)[0],
                                            os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

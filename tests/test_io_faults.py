@@ -52,7 +52,7 @@ def test_disk_full_during_a_shard_keeps_committed_chunks_and_resumes(tmp_path, m
 
 
 RSS_SCRIPT = r"""
-import resource, sys
+import sys
 sys.path.insert(0, {tests!r})
 from toy import ToyTeacher
 from dd import pairs as P
@@ -62,7 +62,9 @@ t = ToyTeacher(step_sizes=(1024,), vocab=300, dim=8)  # 2 KiB of tokens per pair
 # the writer's memory is under test, not the flow map: a cheap deterministic stand-in for the trajectory
 P.flow_trajectory = lambda teacher, labels, noise, *a: (noise[..., 0].abs() * 100).long() % 300
 P.generate_shard(t, spec_for(t, count={count}, chunk=64), {out!r}, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, this process image's own peak: ru_maxrss would also count the forking pytest process's RSS,
+# which Linux carries across exec
+print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0])
 """
 
 
