@@ -55,7 +55,27 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     args.command = name
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            # bad input, mismatched or corrupt artefacts, numerical faults: the message says what and where
+            print(f"python -m dd {name}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _user_errors() -> tuple[type, ...]:
+    """The errors that describe a problem with the user's input rather than a bug (imported only when needed)."""
+    from dd.config import ConfigError
+    from dd.distill import DistillError
+    from dd.download import DownloadError
+    from dd.evaluate import SampleSetError
+    from dd.families import ArtefactError
+    from dd.pairs import ShardError
+    from dd.pipeline import ShardSetError
+
+    return (ConfigError, DistillError, DownloadError, SampleSetError, ArtefactError, ShardError, ShardSetError)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """DD machinery on randomly initialised tiny teachers of both real families (the embedded-default
 architectures from config/tiny/*.yaml): pair faithfulness, distillation losses, artefact checks."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +95,11 @@ def test_mismatched_artefacts_give_clear_errors(family, tmp_path):
                tmp_path / "student2.pt")
     with pytest.raises(families.ArtefactError, match="student predicts"):
         families.load_student(tmp_path / "student2.pt", t)
+    # through the command line: exit 2 and one line naming the file, no traceback
+    r = subprocess.run([sys.executable, "-m", "dd", "sample", "--family", family, "--tokenizer", str(tmp_path / "tok.pt"),
+                        "--model", str(tmp_path / "ar.pt"), "--method", "teacher", "--num", "2",
+                        "--out", str(tmp_path / "s.npz")], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "error:" in r.stderr and "does not match" in r.stderr, r.stderr
+    assert not (tmp_path / "s.npz").exists()
