@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dd import __version__
+from dd.io import fsync_dir
 
 DEFAULT_LOCK_FILE = Path("resources/downloads.lock.json")
 CHUNK_BYTES = 1 << 20
@@ -222,17 +223,7 @@ def _record_in_lock(lock_file: Path, release: Release, sha256: str, size: int) -
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(lock_file.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable; some filesystems refuse to open directories, which is harmless here.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(lock_file.parent)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +377,7 @@ def download(url_or_name: str, dest: str | os.PathLike, *, sha256: str | None = 
                 resumed_old_part = False
                 print(f"download {release.url}: resumed file failed verification, starting over", file=sys.stderr)
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     if lock_file is not None and locked is None:
         _record_in_lock(lock_file, release, actual, dest.stat().st_size)

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 
 def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable; some filesystems refuse to open directories, which is harmless."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
