@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from dd.io import atomic_write_json, sha256_file
+from dd.io import atomic_write_json
+from dd.pairs import ShardError, check_shard
 
 
 class ShardSetError(ValueError):
@@ -28,23 +29,8 @@ def index_shards(bins: list[Path], verify: bool = True) -> dict:
         raise ShardSetError("no shards given")
     shards, reference, ref_path = [], None, None
     for path in sorted(map(Path, bins)):
-        manifest_path = path.with_suffix(".json")
-        if not path.is_file():
-            raise ShardSetError(f"{path}: shard file not found")
-        if not manifest_path.is_file():
-            raise ShardSetError(f"{manifest_path}: manifest of {path.name} not found")
-        try:
-            m = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ShardSetError(f"{manifest_path}: not valid JSON ({e})") from None
+        m = check_shard(path, verify=verify)          # manifest, size and SHA-256 of each shard
         cfg = dict(m["config"])
-        expected_bytes = m["count"] * m["record"]["bytes"]
-        actual = path.stat().st_size
-        if actual != expected_bytes:
-            raise ShardSetError(f"{path}: {actual} bytes, expected {expected_bytes} ({m['count']} records of "
-                                f"{m['record']['bytes']} bytes, per its manifest): truncated or not this shard")
-        if verify and sha256_file(path) != m["sha256"]:
-            raise ShardSetError(f"{path}: SHA-256 differs from its manifest {manifest_path.name}: corrupt shard")
         shard_index = cfg.pop("shard")
         if reference is None:
             reference, ref_path = cfg, path
@@ -52,7 +38,7 @@ def index_shards(bins: list[Path], verify: bool = True) -> dict:
             diff = sorted(k for k in set(cfg) | set(reference) if cfg.get(k) != reference.get(k))
             raise ShardSetError(f"{path} does not belong with {ref_path}: they differ in {', '.join(diff)} "
                                 f"({', '.join(f'{k}: {cfg.get(k)!r} vs {reference.get(k)!r}' for k in diff)})")
-        shards.append({"bin": str(path), "shard": shard_index, "count": m["count"], "bytes": actual,
+        shards.append({"bin": str(path), "shard": shard_index, "count": m["count"], "bytes": path.stat().st_size,
                        "sha256": m["sha256"]})
     indices = sorted(s["shard"] for s in shards)
     if len(set(indices)) != len(indices):
@@ -82,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     try:
         index = index_shards(args.bins, verify=not args.no_verify)
-    except (ShardSetError, KeyError) as e:
+    except (ShardSetError, ShardError, KeyError) as e:
         print(f"python -m dd index-shards: error: {e}", file=sys.stderr)
         return 2
     atomic_write_json(args.out, index)
