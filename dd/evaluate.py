@@ -397,6 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         samples = load_sample_set(args.samples)
+        # a bad --vs-samples file fails here, before any feature extraction
+        vs_reference = load_sample_set(args.vs_samples) if args.vs_samples else None
         metrics = evaluate_sample_set(
             samples, args.reference,
             feature_extractor=args.feature_extractor, weights_path=args.weights,
@@ -409,9 +411,9 @@ def main(args: argparse.Namespace) -> int:
         if classifier is not None and samples.labels is not None:
             metrics["classifier_accuracy"] = classifier_accuracy(samples, classifier, device=args.device)
         vs = None
-        if args.vs_samples:
+        if vs_reference is not None:
             vs = evaluate_sample_set(
-                samples, load_sample_set(args.vs_samples),
+                samples, vs_reference,
                 feature_extractor=args.feature_extractor, weights_path=args.weights,
                 fid=not args.no_fid, isc=False, kid=not args.no_kid, prc=False,
                 device=args.device, batch_size=args.batch_size, seed=args.seed,

@@ -24,8 +24,8 @@ def vs_teacher_option(wildcards, input):
 
 
 rule evaluate:
-    """Metrics against the data and, in the same process (one feature extraction of the samples), FID / KID against
-    the teacher's own samples (``vs_teacher`` in the JSON)."""
+    """Metrics against the data and, in the same process (one start-up and model load instead of a second job),
+    FID / KID against the teacher's own samples (``vs_teacher`` in the JSON)."""
     input:
         unpack(evaluate_inputs),
     output:
