@@ -19,12 +19,12 @@ lambda upwards (noise -> data). Writing u = x / alpha, the ODE is du/dlambda = D
 solution over a step of length h is the "exponential integrator" form the updates below use.
 
 Cost: nfe - 1 evaluations of an [N, V] softmax (the one at t = 0 is the prior mean, no softmax),
-each one addmm, one softmax and one skinny matmul, plus one masked nearest-code search. On the
-2-core dev CPU (float32, per-token p, other jobs running): ~1.5-1.8k tokens/s at V = 16384, C = 8
-and ~10-12k tokens/s at V = 4096, C = 32 (plain torch.multinomial: ~2.4k and ~9.7k tokens/s).
+each one add, one in-place addmm (into one buffer reused across steps), one softmax and one skinny
+matmul, plus one masked nearest-code search. Throughput figures: ``python -m dd bench`` (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 
@@ -163,36 +163,50 @@ def _sigmoid(x: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 class FlowCodebook:
-    """A [V, C] codebook prepared once per call: rows, |c_j|^2, and [c_j, |c_j|^2]^T for one matmul."""
+    """A [V, C] codebook prepared once: rows, |c_j|^2, and the rows [C, V]-contiguous for the matmuls."""
 
     def __init__(self, codebook: torch.Tensor, dtype: torch.dtype = torch.float32):
         self.book = codebook.detach().to(dtype).contiguous()                       # [V, C]
         self.code_sq = self.book.pow(2).sum(-1)                                    # [V]
-        self.aug_t = torch.cat([self.book, self.code_sq[:, None]], 1).T.contiguous()  # [C+1, V]
+        # [C, V]-contiguous: x @ book_t and the skinny w @ book_t.T are up to 3x faster on CPU that way
+        self.book_t = self.book.T.contiguous()
 
-    def logits(self, x: torch.Tensor, t: float, logp: torch.Tensor) -> torch.Tensor:
-        """[N, V] log w_j(x_t) up to a per-row constant, for x [N, C] and log p [N, V].
+    @classmethod
+    def of(cls, codebook: torch.Tensor, dtype: torch.dtype) -> "FlowCodebook":
+        """The prepared codebook, cached per codebook tensor and dtype (invalidated by in-place changes):
+        a teacher step of a small batch maps only a few dozen tokens, so per-call set-up shows."""
+        try:
+            version = codebook._version
+        except RuntimeError:                 # inference-mode tensors keep no version: no caching
+            return cls(codebook, dtype)
+        hit = _BOOK_CACHE.get(codebook)
+        if hit is not None and hit[0] == (version, dtype):
+            return hit[1]
+        book = cls(codebook, dtype)
+        _BOOK_CACHE[codebook] = ((version, dtype), book)
+        return book
 
-        log p_j + (t x.c_j - t^2 |c_j|^2 / 2) / (1-t)^2, as a single addmm onto log p.
-        """
+    def logits(self, x: torch.Tensor, t: float, logp: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, V] log w_j(x_t) up to a per-row constant, for x [N, C] and log p [N, V]:
+        log p_j + s x.c_j - s t |c_j|^2 / 2 with s = t / (1-t)^2, as one add and one in-place addmm
+        (into ``out`` if given: one [N, V] buffer for all the solver's steps)."""
         scale = t / (1.0 - t) ** 2
-        x_aug = x.new_empty(x.shape[0], x.shape[1] + 1)
-        torch.mul(x, scale, out=x_aug[:, :-1])
-        x_aug[:, -1] = -0.5 * t * scale
-        return torch.addmm(logp, x_aug, self.aug_t)
+        return torch.add(logp, self.code_sq, alpha=-0.5 * t * scale, out=out).addmm_(x, self.book_t, alpha=scale)
 
-    def predict(self, x: torch.Tensor, t: float, p: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-        """D(x_t, t) = E[x1 | x_t] = softmax(logits) @ codebook, [N, C]."""
-        # [C, V]-contiguous codebook: this skinny matmul is up to 3x faster on CPU that way
-        book = self.aug_t[:-1].T
+    def predict(self, x: torch.Tensor, t: float, p: torch.Tensor, mass: torch.Tensor, logp: torch.Tensor,
+                buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """D(x_t, t) = E[x1 | x_t] = softmax(logits) @ codebook, [N, C]. ``mass`` = p.sum(-1, keepdim=True)."""
         if t == 0.0:                         # the posterior is the prior: D is the p-weighted mean
-            return (p / p.sum(-1, keepdim=True)) @ book
-        return torch.softmax(self.logits(x, t, logp), dim=-1) @ book
+            return (p @ self.book_t.T).div_(mass)
+        return torch.softmax(self.logits(x, t, logp, out=buffer), dim=-1) @ self.book_t.T
 
     def nearest(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Index of the nearest row to x [N, C] among ``allowed`` [N, V] (bool)."""
-        dist = torch.addmm(self.code_sq, x, self.aug_t[:-1], alpha=-2.0)   # |c|^2 - 2 x.c (+|x|^2)
+        dist = torch.addmm(self.code_sq, x, self.book_t, alpha=-2.0)   # |c|^2 - 2 x.c (+|x|^2)
         return dist.masked_fill_(~allowed, math.inf).argmin(-1)
+
+
+_BOOK_CACHE = WeakIdKeyDictionary()
 
 
 def dpm_solver_pp(noise: torch.Tensor, predict, times: list[float], order: int = 3) -> torch.Tensor:
@@ -205,19 +219,34 @@ def dpm_solver_pp(noise: torch.Tensor, predict, times: list[float], order: int =
     of the next two steps. Each update is x' = ratio * x + sum_k coef_k * D_k with scalar coefficients.
     """
     x = noise
-    lams = [_lam(t) for t in times[:-1]]
     hist: list[torch.Tensor] = []            # past predictions, newest last
-    for i in range(len(times) - 1):
-        s, t = times[i], times[i + 1]
+    for s, ratio, coefs in _solver_plan(tuple(times), order):
         hist = (hist + [predict(x, s)])[-order:]
-        if t >= 1.0:
+        if coefs is None:                    # the end, t = 1: the data prediction itself
             return hist[-1]
-        usable = 1 + sum(1 for j in range(max(0, i - 2), i) if lams[j] > -math.inf)
-        coefs = _update_coefficients(lams[max(0, i - 2):i + 1], _lam(t), t, min(len(hist), usable))
-        x = x * ((1.0 - t) / (1.0 - s))
+        x = x * ratio
         for c, d in zip(coefs, reversed(hist)):
             x.add_(d, alpha=c)
     return x
+
+
+@functools.lru_cache(maxsize=64)
+def _solver_plan(times: tuple[float, ...], order: int) -> list[tuple[float, float, tuple[float, ...] | None]]:
+    """Per step of ``dpm_solver_pp``: (evaluation time, ratio on x, weights of the newest predictions),
+    weights None for a last step that ends at t = 1. Pure Python, computed once per grid and order:
+    a pair-generation step of a small batch is a few hundred microseconds, so this shows."""
+    lams = [_lam(t) for t in times[:-1]]
+    plan = []
+    for i in range(len(times) - 1):
+        s, t = times[i], times[i + 1]
+        if t >= 1.0:
+            plan.append((s, 0.0, None))
+            break
+        usable = 1 + sum(1 for j in range(max(0, i - 2), i) if lams[j] > -math.inf)
+        k = min(i + 1, order, usable)
+        coefs = _update_coefficients(lams[max(0, i - 2):i + 1], _lam(t), t, k)
+        plan.append((s, (1.0 - t) / (1.0 - s), tuple(coefs)))
+    return plan
 
 
 def _update_coefficients(lams: list[float], lam_t: float, t: float, k: int) -> list[float]:
@@ -302,10 +331,12 @@ def _check(noise, probs, codebook, nfe, order) -> tuple[int, int]:
     want = (*noise.shape[:-1], V)
     if probs.dim() < 1 or probs.shape[-1] != V:
         raise ValueError(f"probs must be [..., V] with V = {V} (codebook is [{V}, {C}]), got shape {tuple(probs.shape)}")
-    try:
-        fits = torch.broadcast_shapes(probs.shape, want) == want
-    except RuntimeError:
-        fits = False
+    fits = probs.shape == want               # the common case; broadcast_shapes costs ~0.1 ms
+    if not fits:
+        try:
+            fits = torch.broadcast_shapes(probs.shape, want) == want
+        except RuntimeError:
+            fits = False
     if not fits:
         raise ValueError(f"probs must have shape {want} (noise's leading dims + V) or broadcast to it, "
                          f"got {tuple(probs.shape)}")
@@ -325,7 +356,7 @@ def _run(noise, probs, codebook, nfe, order, schedule, chunk_rows, want_endpoint
     n = math.prod(lead)
     times = solver_times(nfe, codebook, schedule)
     work = torch.float64 if noise.dtype == torch.float64 else torch.float32
-    book = FlowCodebook(codebook, work)
+    book = FlowCodebook.of(codebook, work)
     x_all = noise.reshape(n, C).to(work)
     p_rows = _row_getter(probs.expand(*lead, V), n, V)
     if chunk_rows is None:
@@ -334,27 +365,38 @@ def _run(noise, probs, codebook, nfe, order, schedule, chunk_rows, want_endpoint
     elif chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
+    if n == 0:
+        return (torch.empty(lead, dtype=torch.long, device=noise.device),
+                noise.new_empty(noise.shape) if want_endpoint else None)
+    # preallocated outputs: small per-chunk results kept alive between the big [rows, V] temporaries
+    # would fragment the heap (measured: +0.3-0.5 GB peak on the 8000 x 16384 test problem)
     idx = torch.empty(n, dtype=torch.long, device=noise.device)
     end = torch.empty(n, C, dtype=work, device=noise.device) if want_endpoint else None
-    bad_rows = torch.zeros((), dtype=torch.long, device=noise.device)   # checked once, at the end
+    valid = torch.ones((), dtype=torch.bool, device=noise.device)
     with torch.no_grad(), _full_precision_matmul():
         for a in range(0, n, chunk_rows):
             b = min(n, a + chunk_rows)
             p = p_rows(a, b).to(work)
-            # every entry in [0, 1] (so no NaN / inf) and some mass in the row
-            bad_rows += (~(((p >= 0) & (p <= 1)).all(-1) & (p.sum(-1) > 0))).sum()
+            mass = p.sum(-1, keepdim=True)
+            # every entry in [0, 1] (a NaN fails both) and some mass in every row; checked once, at the
+            # end (no device sync per chunk), and counted per row only if it failed
+            lo, hi = torch.aminmax(p)
+            valid &= (lo >= 0) & (hi <= 1) & (mass.amin() > 0)
             allowed = p > 0
-            # log(0) takes a slow path in the vectorised log; fill the -inf in afterwards
+            # log(0) takes a slow path in the vectorised log (4x slower with top-k zeros): fill the -inf in afterwards
             logp = torch.where(allowed, p, 1.0).log_().masked_fill_(~allowed, -math.inf)
-            x1 = dpm_solver_pp(x_all[a:b], lambda x, t: book.predict(x, t, p, logp), times, order)  # noqa: B023
+            buffer = torch.empty_like(logp)
+            x1 = dpm_solver_pp(x_all[a:b], lambda x, t: book.predict(x, t, p, mass, logp, buffer),  # noqa: B023
+                               times, order)
             idx[a:b] = book.nearest(x1, allowed)
             if end is not None:
                 end[a:b] = x1
-    if bad_rows.item():
-        raise ValueError(f"probs: {bad_rows.item()} of {n} rows are not probability vectors "
+    if not valid.item():
+        bad = sum(int((~(((r >= 0) & (r <= 1)).all(-1) & (r.sum(-1) > 0))).sum())
+                  for r in (p_rows(a, min(n, a + chunk_rows)) for a in range(0, n, chunk_rows)))
+        raise ValueError(f"probs: {bad} of {n} rows are not probability vectors "
                          f"(entries must lie in [0, 1] and each row must have positive mass)")
-    idx = idx.view(lead)
-    return idx, (end.view(*lead, C).to(noise.dtype) if end is not None else None)
+    return idx.view(lead), (end.view(*lead, C).to(noise.dtype) if end is not None else None)
 
 
 def _row_getter(probs: torch.Tensor, n: int, V: int):

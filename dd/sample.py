@@ -23,12 +23,14 @@ def dd_step(student: nn.Module, teacher: Teacher, x: torch.Tensor, noise: torch.
             step: int, split_step: int) -> torch.Tensor:
     """One DD jump from step ``step``: re-noise positions from that step on, predict the whole sequence."""
     B = x.shape[0]
-    begin = _begin(teacher, step, B, x.device)
-    x_t = perturb(x, noise, begin)
-    logits, emb = student(x_t, labels, torch.full((B,), step - 1, device=x.device, dtype=torch.long))
+    t = torch.full((B,), step - 1, device=x.device, dtype=torch.long)
     if teacher.step_begin(step - 1) > 0:
+        begin = _begin(teacher, step, B, x.device)
+        x_t = perturb(x, noise, begin)
+        logits, emb = student(x_t, labels, t)
         tokens, logits = final_predict(logits, emb, x_t, begin, teacher.codebook)
-    else:                                # nothing is given at step 1: Eq. 6 keeps the network outputs as they are
+    else:        # step 1: the input is all noise and nothing is given, so Eq. 6 keeps the network outputs
+        logits, emb = student(noise, labels, t)
         tokens = emb
     return final_sequence(tokens, logits, teacher.codebook, teacher.step_begin(split_step - 1))
 

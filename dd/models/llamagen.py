@@ -862,7 +862,15 @@ class LlamaGenTeacher(Teacher):
 
     @property
     def codebook(self) -> torch.Tensor:
-        return self.tokenizer.quantize.codebook().detach()
+        # the l2-normalised rows are computed once per weight state, not per access: callers (the flow
+        # map) cache per-codebook work by tensor identity, which a fresh tensor per step would defeat
+        w = self.tokenizer.quantize.embedding.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = self.__dict__.get("_codebook_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.tokenizer.quantize.codebook().detach())
+            self.__dict__["_codebook_cache"] = cached
+        return cached[1]
 
     @property
     def num_classes(self) -> int:
