@@ -61,13 +61,14 @@ def pair_noise(seeds, n_tokens: int, dim: int, num_classes: int) -> torch.Tensor
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def flow_trajectory(teacher: Teacher, labels: torch.Tensor, noise: torch.Tensor, sampling: SamplingConfig,
-                    nfe: int = 10, order: int = 3) -> torch.Tensor:
-    """Data token indices [B, n] that the noise tokens [B, n, C] map to under the teacher."""
+                    nfe: int = 10, order: int = 3, n_steps: int | None = None) -> torch.Tensor:
+    """Data token indices [B, n] that the noise tokens [B, n, C] map to under the teacher (only the
+    tokens of the first ``n_steps`` AR steps if given, as ``Teacher.sample``)."""
     from dd.flow import flow_map
 
     state = teacher.begin(labels, sampling)
     codebook = teacher.codebook
-    for begin, end in teacher.step_bounds:
+    for begin, end in teacher.step_bounds[:n_steps]:
         probs = teacher.next_probs(state)
         idx = flow_map(noise[:, begin:end].to(codebook), probs, codebook, nfe=nfe, order=order)
         teacher.append(state, idx)

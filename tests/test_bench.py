@@ -31,6 +31,9 @@ def test_bench_json_shape(tmp_path):
 
     for row in result["pairgen_overhead"]:
         assert {"family", "V", "C", "ratio"} <= set(row) and row["ratio"] > 0
+        assert row["timed_steps"] == row["teacher_steps"]          # the tiny rows time whole trajectories
+        bd = row["breakdown"]
+        assert bd["flow_map_s"] > 0 and bd["multinomial_s"] > 0 and row["breakdown_ratio"] > 0
     storage = result["pair_storage"]
     assert storage["bytes_per_token"] <= 2 and storage["header_bytes"] > 0
     assert storage["fp32_noise_bytes_per_token"] == 4 * storage["C"]

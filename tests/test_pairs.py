@@ -124,3 +124,14 @@ def test_killed_shard_resumes_and_is_byte_identical(tmp_path):
     assert out.read_bytes() == ref.read_bytes()
     assert P.manifest_path(out).read_text() == P.manifest_path(ref).read_text()
     assert not Path(str(out) + ".part").exists() and not progress.exists()
+
+
+def test_flow_trajectory_of_the_first_steps_is_the_prefix_of_the_full_one():
+    t = ToyTeacher()
+    labels = torch.arange(6) % t.num_classes
+    noise = P.pair_noise(np.arange(6), t.n_tokens, t.codebook.shape[1], t.num_classes)
+    sampling = P.SamplingConfig(**SAMPLING)
+    full = P.flow_trajectory(t, labels, noise, sampling)
+    k = t.n_steps - 1
+    head = P.flow_trajectory(t, labels, noise, sampling, n_steps=k)
+    assert head.shape == (6, t.step_begin(k)) and torch.equal(head, full[:, : t.step_begin(k)])
