@@ -186,24 +186,26 @@ class FlowCodebook:
         _BOOK_CACHE[codebook] = ((version, dtype), book)
         return book
 
-    def logits(self, x: torch.Tensor, t: float, logp: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, V] log w_j(x_t) up to a per-row constant, for x [N, C] and log p [N, V]:
-        log p_j + s x.c_j - s t |c_j|^2 / 2 with s = t / (1-t)^2, as one add and one in-place addmm
-        (into ``out`` if given: one [N, V] buffer for all the solver's steps)."""
+    def logits(self, y: torch.Tensor, t: float, logp: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, V] log w_j(x_t) up to a per-row constant, for the state y = x_t / (1-t) [N, C] and log p [N, V]:
+        log p_j + s x.c_j - s t |c_j|^2 / 2 with s = t / (1-t)^2, i.e. s x.c_j = t / (1-t) y.c_j; one add
+        and one in-place addmm (into ``out`` if given: one [N, V] buffer for all the solver's steps)."""
         scale = t / (1.0 - t) ** 2
-        return torch.add(logp, self.code_sq, alpha=-0.5 * t * scale, out=out).addmm_(x, self.book_t, alpha=scale)
+        return torch.add(logp, self.code_sq, alpha=-0.5 * t * scale, out=out).addmm_(y, self.book_t,
+                                                                                     alpha=t / (1.0 - t))
 
-    def predict(self, x: torch.Tensor, t: float, p: torch.Tensor, mass: torch.Tensor, logp: torch.Tensor,
+    def predict(self, y: torch.Tensor, t: float, p: torch.Tensor, mass: torch.Tensor, logp: torch.Tensor,
                 buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """D(x_t, t) = E[x1 | x_t] = softmax(logits) @ codebook, [N, C]. ``mass`` = p.sum(-1, keepdim=True)."""
+        """D(x_t, t) = E[x1 | x_t] = softmax(logits) @ codebook, [N, C], for y = x_t / (1-t) (the solver's
+        state). ``mass`` = p.sum(-1, keepdim=True)."""
         if t == 0.0:                         # the posterior is the prior: D is the p-weighted mean
             return (p @ self.book_t.T).div_(mass)
-        return torch.softmax(self.logits(x, t, logp, out=buffer), dim=-1) @ self.book_t.T
+        return torch.softmax(self.logits(y, t, logp, out=buffer), dim=-1) @ self.book_t.T
 
-    def nearest(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest row to x [N, C] among ``allowed`` [N, V] (bool)."""
+    def nearest(self, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest row to x [N, C] among those not ``blocked`` [N, V] (bool; p_j = 0)."""
         dist = torch.addmm(self.code_sq, x, self.book_t, alpha=-2.0)   # |c|^2 - 2 x.c (+|x|^2)
-        return dist.masked_fill_(~allowed, math.inf).argmin(-1)
+        return dist.masked_fill_(blocked, math.inf).argmin(-1)
 
 
 _BOOK_CACHE = WeakIdKeyDictionary()
@@ -212,40 +214,44 @@ _BOOK_CACHE = WeakIdKeyDictionary()
 def dpm_solver_pp(noise: torch.Tensor, predict, times: list[float], order: int = 3) -> torch.Tensor:
     """Multistep DPM-Solver++ (data prediction) from x(times[0]) = noise along ``times``.
 
-    ``predict(x, t)`` is the data prediction; it is called at times[:-1] (len(times) - 1 NFE). If the
-    last time is 1 (sigma = 0) the last step returns the data prediction itself, otherwise x there.
-    The update of order k integrates exactly the polynomial in lambda through the last k predictions
-    (Taylor form); a prediction at t = 0 (lambda = -inf) carries no slope, so it lowers the order
-    of the next two steps. Each update is x' = ratio * x + sum_k coef_k * D_k with scalar coefficients.
+    ``predict(y, t)`` is the data prediction D(x_t, t), given the state as y = x / (1 - t): in that
+    variable the exponential-integrator update is y' = y + sum_k w_k D_k, with no rescaling of the
+    state at every step (a tensor op saved per step, which shows on small batches). It is called at
+    times[:-1] (len(times) - 1 NFE). If the last time is 1 (sigma = 0) the last step returns the data
+    prediction itself, otherwise x there. The update of order k integrates exactly the polynomial in
+    lambda through the last k predictions (Taylor form); a prediction at t = 0 (lambda = -inf)
+    carries no slope, so it lowers the order of the next two steps.
     """
-    x = noise
+    y = noise if times[0] == 0.0 else noise / (1.0 - times[0])
     hist: list[torch.Tensor] = []            # past predictions, newest last
-    for s, ratio, coefs in _solver_plan(tuple(times), order):
-        hist = (hist + [predict(x, s)])[-order:]
-        if coefs is None:                    # the end, t = 1: the data prediction itself
+    plan = _solver_plan(tuple(times), order)
+    for s, weights in plan:
+        hist = (hist + [predict(y, s)])[-order:]
+        if weights is None:                  # the end, t = 1: the data prediction itself
             return hist[-1]
-        x = x * ratio
-        for c, d in zip(coefs, reversed(hist)):
-            x.add_(d, alpha=c)
-    return x
+        y = torch.add(y, hist[-1], alpha=weights[0])   # a new tensor: never write into ``noise``
+        for w, d in zip(weights[1:], reversed(hist[:-1])):
+            y.add_(d, alpha=w)
+    return y * (1.0 - times[-1])
 
 
 @functools.lru_cache(maxsize=64)
-def _solver_plan(times: tuple[float, ...], order: int) -> list[tuple[float, float, tuple[float, ...] | None]]:
-    """Per step of ``dpm_solver_pp``: (evaluation time, ratio on x, weights of the newest predictions),
-    weights None for a last step that ends at t = 1. Pure Python, computed once per grid and order:
-    a pair-generation step of a small batch is a few hundred microseconds, so this shows."""
+def _solver_plan(times: tuple[float, ...], order: int) -> list[tuple[float, tuple[float, ...] | None]]:
+    """Per step of ``dpm_solver_pp``: (evaluation time, weights of the newest predictions in the update
+    of y = x / (1 - t)), weights None for a last step that ends at t = 1. Pure Python, computed once
+    per grid and order: a pair-generation step of a small batch is a few hundred microseconds."""
     lams = [_lam(t) for t in times[:-1]]
     plan = []
     for i in range(len(times) - 1):
         s, t = times[i], times[i + 1]
         if t >= 1.0:
-            plan.append((s, 0.0, None))
+            plan.append((s, None))
             break
         usable = 1 + sum(1 for j in range(max(0, i - 2), i) if lams[j] > -math.inf)
         k = min(i + 1, order, usable)
+        # x_t = (sigma_t / sigma_s) x_s + sum_k c_k D_k  <=>  y_t = y_s + sum_k (c_k / sigma_t) D_k
         coefs = _update_coefficients(lams[max(0, i - 2):i + 1], _lam(t), t, k)
-        plan.append((s, (1.0 - t) / (1.0 - s), tuple(coefs)))
+        plan.append((s, tuple(c / (1.0 - t) for c in coefs)))
     return plan
 
 
@@ -307,8 +313,11 @@ def flow_map_endpoint(noise: torch.Tensor, probs: torch.Tensor, codebook: torch.
 
 
 @contextmanager
-def _full_precision_matmul():
+def _full_precision_matmul(device: torch.device):
     """TF32 (10-bit mantissa) would blur x.c near t = 1, where the logits are divided by (1-t)^2."""
+    if device.type != "cuda":
+        yield
+        return
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -368,35 +377,47 @@ def _run(noise, probs, codebook, nfe, order, schedule, chunk_rows, want_endpoint
     if n == 0:
         return (torch.empty(lead, dtype=torch.long, device=noise.device),
                 noise.new_empty(noise.shape) if want_endpoint else None)
-    # preallocated outputs: small per-chunk results kept alive between the big [rows, V] temporaries
-    # would fragment the heap (measured: +0.3-0.5 GB peak on the 8000 x 16384 test problem)
-    idx = torch.empty(n, dtype=torch.long, device=noise.device)
-    end = torch.empty(n, C, dtype=work, device=noise.device) if want_endpoint else None
-    valid = torch.ones((), dtype=torch.bool, device=noise.device)
-    with torch.no_grad(), _full_precision_matmul():
-        for a in range(0, n, chunk_rows):
-            b = min(n, a + chunk_rows)
-            p = p_rows(a, b).to(work)
-            mass = p.sum(-1, keepdim=True)
-            # every entry in [0, 1] (a NaN fails both) and some mass in every row; checked once, at the
-            # end (no device sync per chunk), and counted per row only if it failed
-            lo, hi = torch.aminmax(p)
-            valid &= (lo >= 0) & (hi <= 1) & (mass.amin() > 0)
-            allowed = p > 0
-            # log(0) takes a slow path in the vectorised log (4x slower with top-k zeros): fill the -inf in afterwards
-            logp = torch.where(allowed, p, 1.0).log_().masked_fill_(~allowed, -math.inf)
-            buffer = torch.empty_like(logp)
-            x1 = dpm_solver_pp(x_all[a:b], lambda x, t: book.predict(x, t, p, mass, logp, buffer),  # noqa: B023
-                               times, order)
-            idx[a:b] = book.nearest(x1, allowed)
-            if end is not None:
-                end[a:b] = x1
-    if not valid.item():
+    with torch.no_grad(), _full_precision_matmul(noise.device):
+        if n <= chunk_rows:                  # one chunk (every pair-generation step of a normal batch)
+            idx, end, ok = _map_rows(x_all, p_rows(0, n).to(work), book, times, order)
+        else:
+            # preallocated outputs: small per-chunk results kept alive between the big [rows, V]
+            # temporaries fragment the heap (measured: +0.3-0.5 GB peak on the 8000 x 16384 test problem)
+            idx = torch.empty(n, dtype=torch.long, device=noise.device)
+            end = torch.empty(n, C, dtype=work, device=noise.device)
+            ok = True
+            for a in range(0, n, chunk_rows):
+                b = min(n, a + chunk_rows)
+                idx[a:b], end[a:b], chunk_ok = _map_rows(x_all[a:b], p_rows(a, b).to(work), book, times, order)
+                ok = ok & chunk_ok
+    if not bool(ok):
         bad = sum(int((~(((r >= 0) & (r <= 1)).all(-1) & (r.sum(-1) > 0))).sum())
                   for r in (p_rows(a, min(n, a + chunk_rows)) for a in range(0, n, chunk_rows)))
         raise ValueError(f"probs: {bad} of {n} rows are not probability vectors "
                          f"(entries must lie in [0, 1] and each row must have positive mass)")
-    return idx.view(lead), (end.view(*lead, C).to(noise.dtype) if end is not None else None)
+    return idx.view(lead), (end.view(*lead, C).to(noise.dtype) if want_endpoint else None)
+
+
+def _map_rows(x: torch.Tensor, p: torch.Tensor, book: FlowCodebook, times: list[float], order: int):
+    """Solve one chunk: (indices [rows], end points [rows, C], whether p's rows are probability vectors).
+
+    The check (every entry in [0, 1], a NaN fails both, and some mass in every row) is a Python bool
+    on the CPU (two reductions and three scalar reads: cheaper than five more tensor ops on a small
+    step) and a 0-dim tensor elsewhere, read once by the caller at the end (no device sync per chunk).
+    """
+    mass = p.sum(-1, keepdim=True)
+    lo, hi = torch.aminmax(p)
+    low_mass = mass.amin()
+    if p.device.type == "cpu":
+        ok = lo.item() >= 0 and hi.item() <= 1 and low_mass.item() > 0
+    else:
+        ok = (lo >= 0) & (hi <= 1) & (low_mass > 0)
+    blocked = p <= 0
+    # log(0) takes a slow path in the vectorised log (4x slower with top-k zeros): fill the -inf in afterwards
+    logp = torch.where(blocked, 1.0, p).log_().masked_fill_(blocked, -math.inf)
+    buffer = torch.empty_like(logp)
+    x1 = dpm_solver_pp(x, lambda y, t: book.predict(y, t, p, mass, logp, buffer), times, order)
+    return book.nearest(x1, blocked), x1, ok
 
 
 def _row_getter(probs: torch.Tensor, n: int, V: int):
