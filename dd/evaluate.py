@@ -276,9 +276,12 @@ def evaluate_sample_set(
         raise ValueError(f"IS with {isc_splits} splits needs at least {isc_splits} samples, got {n1}; "
                          "lower isc_splits")
     if kid:
-        kid_subset_size = min(kid_subset_size, n1, n2)
+        # at most half the smaller set: a subset as large as the set is the whole set every time, so
+        # torch-fidelity's kid_subsets estimates would be one computation repeated (std 0, all the cost)
+        kid_subset_size = min(kid_subset_size, n1 // 2, n2 // 2)
         if kid_subset_size < 2:
-            raise ValueError(f"KID needs at least 2 images in each set (samples {n1}, reference {n2})")
+            raise ValueError(f"KID needs at least 4 images in each set (subsets of half the smaller set; "
+                             f"samples {n1}, reference {n2})")
     if prc and min(n1, n2) <= prc_neighborhood:
         raise ValueError(f"precision/recall with a {prc_neighborhood}-nearest-neighbour radius needs more than "
                          f"{prc_neighborhood} images in each set (samples {n1}, reference {n2})")
@@ -385,7 +388,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=2020, help="torch-fidelity rng_seed (IS shuffling, KID subsets)")
     parser.add_argument("--isc-splits", type=int, default=10)
     parser.add_argument("--kid-subsets", type=int, default=100)
-    parser.add_argument("--kid-subset-size", type=int, default=1000, help="lowered to the smaller set's size")
+    parser.add_argument("--kid-subset-size", type=int, default=1000,
+                        help="lowered to half the smaller set's size (so that the subsets differ)")
     parser.add_argument("--prc-neighborhood", type=int, default=3)
     parser.add_argument("--cache-dir", help="cache features here, keyed by content (default: no cache)")
     parser.add_argument("--vs-samples", help="a second reference, e.g. the teacher's own sample set: FID and KID of "
