@@ -258,6 +258,16 @@ def _diagnose_gradients(step, student, losses, cfg) -> str:
     return ", ".join(bad) or "unknown"
 
 
+def new_student(teacher: Teacher, seed: int) -> nn.Module:
+    """The student initialised from the teacher, its new layers (noise-token input, noise/data embedding,
+    embedding head) drawn from ``seed``. Not from the global RNG as it happens to be: torch seeds that
+    randomly at start-up, so two runs of the same config would distill different students."""
+    from dd.families import student_from_teacher
+
+    torch.manual_seed(seed)
+    return student_from_teacher(teacher)
+
+
 def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: PairSet, out_dir: Path, *,
             device: str | torch.device = "cpu", logger: Logger | None = None, resume: bool = True,
             eval_fn=None, eval_every: int = 0, progress: bool = True) -> dict:
@@ -458,7 +468,7 @@ def make_fid_eval(teacher, cfg: DistillConfig, reference: Path, classifier: Path
 def main(args) -> int:
     import json
 
-    from dd.families import model_config, student_from_teacher, teacher_from_args
+    from dd.families import model_config, teacher_from_args
     from dd.tracking import JsonlLogger
 
     cfg = config_from_args(args)  # validates before anything expensive
@@ -471,7 +481,7 @@ def main(args) -> int:
     if cfg.timesteps[-1] > teacher.n_steps:
         raise SystemExit(f"distill: timesteps {cfg.timesteps} exceed the teacher's {teacher.n_steps} AR steps")
     pairs = PairSet(args.pairs, teacher, teacher_id)
-    student = student_from_teacher(teacher)
+    student = new_student(teacher, cfg.seed)
     ckpt = Path(args.out) / "last.pt"
     resume_step = load_checkpoint(ckpt)["step"] if ckpt.is_file() else None
     logger = JsonlLogger(args.metrics_jsonl or Path(args.out) / "metrics.jsonl", resume_step=resume_step)

@@ -136,3 +136,19 @@ def test_two_process_gloo_matches_one_process(tmp_path, shards):
     assert logs[1].keys() == logs[2].keys() == set(range(1, 7))
     for s in logs[1]:
         assert logs[2][s] == pytest.approx(logs[1][s], rel=1e-5, abs=1e-6), s
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_new_student_depends_on_the_seed_only_not_on_the_global_rng(family):
+    # torch seeds its global RNG randomly at start-up: a student built from it would differ run to run
+    from dd.bench import tiny_teacher
+    from dd.distill import new_student
+
+    teacher = tiny_teacher(family, 0).teacher
+    torch.manual_seed(1)
+    a = new_student(teacher, 0).state_dict()
+    torch.manual_seed(2)
+    b = new_student(teacher, 0).state_dict()
+    c = new_student(teacher, 1).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)   # the new layers do come from the seed
