@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd.io import atomic_torch_save
+from dd.io import atomic_torch_save, remove_stale_temps
 from dd.pairs import open_shard, pair_noise
 from dd.student import perturb
 from dd.teacher import Teacher
@@ -280,6 +280,9 @@ def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: Pai
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "last.pt"
+    if dist_state.main:     # a job killed inside an atomic checkpoint write leaves its (large) temporary file
+        for own in (ckpt_path, out_dir / "student.pt"):
+            remove_stale_temps(own)
     if cfg.batch_size % dist_state.world:
         raise DistillError(f"batch_size {cfg.batch_size} is not divisible by the {dist_state.world} processes")
 

@@ -4,6 +4,7 @@ under the final name and never destroys the previous good one."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -40,6 +41,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Delete the temporary files ``atomic_open`` left beside ``path`` when its writer was killed between
+    creating and renaming them; returns how many. Only for the job that owns ``path``: a concurrent
+    writer's temporary file would go too."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

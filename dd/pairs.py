@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dd.io import atomic_write_json, config_hash, fsync_dir, sha256_file
+from dd.io import atomic_write_json, config_hash, fsync_dir, remove_stale_temps, sha256_file
 from dd.teacher import SamplingConfig, Teacher
 
 FORMAT_VERSION = 1
@@ -223,6 +223,9 @@ def generate_shard(teacher: Teacher, spec: ShardSpec, bin_path: Path, *, device:
                          f"(n={teacher.n_tokens}, V x C={tuple(teacher.codebook.shape)})")
 
     part, prog = _part_path(bin_path), _progress_path(bin_path)
+    # a job killed inside an atomic write (e.g. of the progress file) leaves its temporary file behind
+    for own in (bin_path, manifest_path(bin_path), part, prog):
+        remove_stale_temps(own)
     done = _committed_records(bin_path, spec_hash, rec.itemsize)
     if done:
         log(f"resuming {bin_path.name}: {done}/{spec.count} pairs already committed")

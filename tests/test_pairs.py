@@ -135,3 +135,17 @@ def test_flow_trajectory_of_the_first_steps_is_the_prefix_of_the_full_one():
     k = t.n_steps - 1
     head = P.flow_trajectory(t, labels, noise, sampling, n_steps=k)
     assert head.shape == (6, t.step_begin(k)) and torch.equal(head, full[:, : t.step_begin(k)])
+
+
+def test_temporary_files_of_a_killed_atomic_write_are_removed_by_the_rerun(tmp_path):
+    # a SIGKILL between creating and renaming the progress file's temporary file leaves it behind
+    t = ToyTeacher()
+    out = tmp_path / "s.bin"
+    stale = [tmp_path / ".s.bin.part.json.ab12cd.tmp", tmp_path / ".s.json.x9.tmp"]
+    for p in stale:
+        p.write_text("{")
+    other = tmp_path / ".t.bin.part.json.ab12cd.tmp"          # another shard's: not this job's to remove
+    other.write_text("{")
+    P.generate_shard(t, spec_for(t), out, progress=False)
+    assert not any(p.exists() for p in stale) and other.exists()
+    P.open_shard(out)
