@@ -55,21 +55,27 @@ def codebook_scale(codebook: torch.Tensor) -> tuple[float, float]:
     to its nearest other row (estimated on at most SCALE_PROBES evenly spaced rows): the posterior
     has picked its code once e^-lambda is well below it.
     """
-    try:
-        version = codebook._version
-    except RuntimeError:                     # inference-mode tensors keep no version: no caching
-        return _codebook_scale(codebook.detach().double())
-    hit = _SCALE_CACHE.get(codebook)
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    scale = _codebook_scale(codebook.detach().double())
-    _SCALE_CACHE[codebook] = (version, scale)
-    return scale
+    return _cached_per_tensor(_SCALE_CACHE, codebook, None, lambda: _codebook_scale(codebook.detach().double()))
 
 
 # per codebook tensor (by identity, invalidated by in-place changes): saves ~25 ms a call on CPU
 # at V = 16384, which matters when a teacher step maps only a few dozen tokens
 _SCALE_CACHE = WeakIdKeyDictionary()
+
+
+def _cached_per_tensor(cache: WeakIdKeyDictionary, tensor: torch.Tensor, key, make):
+    """``make()``, cached in ``cache`` per tensor (by identity) and ``key``, recomputed once the tensor
+    changes in place; not cached for inference-mode tensors, which keep no version counter."""
+    try:
+        version = tensor._version
+    except RuntimeError:
+        return make()
+    hit = cache.get(tensor)
+    if hit is not None and hit[0] == (version, key):
+        return hit[1]
+    value = make()
+    cache[tensor] = ((version, key), value)
+    return value
 
 
 def _codebook_scale(book: torch.Tensor) -> tuple[float, float]:
@@ -163,28 +169,19 @@ def _sigmoid(x: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 class FlowCodebook:
-    """A [V, C] codebook prepared once: rows, |c_j|^2, and the rows [C, V]-contiguous for the matmuls."""
+    """A [V, C] codebook prepared once: |c_j|^2 and the rows [C, V]-contiguous for the matmuls."""
 
     def __init__(self, codebook: torch.Tensor, dtype: torch.dtype = torch.float32):
-        self.book = codebook.detach().to(dtype).contiguous()                       # [V, C]
-        self.code_sq = self.book.pow(2).sum(-1)                                    # [V]
+        book = codebook.detach().to(dtype)
+        self.code_sq = book.pow(2).sum(-1)                                         # [V]
         # [C, V]-contiguous: x @ book_t and the skinny w @ book_t.T are up to 3x faster on CPU that way
-        self.book_t = self.book.T.contiguous()
+        self.book_t = book.T.contiguous()
 
     @classmethod
     def of(cls, codebook: torch.Tensor, dtype: torch.dtype) -> "FlowCodebook":
         """The prepared codebook, cached per codebook tensor and dtype (invalidated by in-place changes):
         a teacher step of a small batch maps only a few dozen tokens, so per-call set-up shows."""
-        try:
-            version = codebook._version
-        except RuntimeError:                 # inference-mode tensors keep no version: no caching
-            return cls(codebook, dtype)
-        hit = _BOOK_CACHE.get(codebook)
-        if hit is not None and hit[0] == (version, dtype):
-            return hit[1]
-        book = cls(codebook, dtype)
-        _BOOK_CACHE[codebook] = ((version, dtype), book)
-        return book
+        return _cached_per_tensor(_BOOK_CACHE, codebook, dtype, lambda: cls(codebook, dtype))
 
     def logits(self, y: torch.Tensor, t: float, logp: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[N, V] log w_j(x_t) up to a per-row constant, for the state y = x_t / (1-t) [N, C] and log p [N, V]:
@@ -384,11 +381,13 @@ def _run(noise, probs, codebook, nfe, order, schedule, chunk_rows, want_endpoint
             # preallocated outputs: small per-chunk results kept alive between the big [rows, V]
             # temporaries fragment the heap (measured: +0.3-0.5 GB peak on the 8000 x 16384 test problem)
             idx = torch.empty(n, dtype=torch.long, device=noise.device)
-            end = torch.empty(n, C, dtype=work, device=noise.device)
+            end = torch.empty(n, C, dtype=work, device=noise.device) if want_endpoint else None
             ok = True
             for a in range(0, n, chunk_rows):
                 b = min(n, a + chunk_rows)
-                idx[a:b], end[a:b], chunk_ok = _map_rows(x_all[a:b], p_rows(a, b).to(work), book, times, order)
+                idx[a:b], x1, chunk_ok = _map_rows(x_all[a:b], p_rows(a, b).to(work), book, times, order)
+                if end is not None:
+                    end[a:b] = x1
                 ok = ok & chunk_ok
     if not bool(ok):
         bad = sum(int((~(((r >= 0) & (r <= 1)).all(-1) & (r.sum(-1) > 0))).sum())

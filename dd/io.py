@@ -29,7 +29,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
     """Open a temporary sibling of ``path``; on clean exit fsync and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temp_affixes(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -43,12 +44,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
         raise
 
 
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """Prefix and suffix of ``atomic_open``'s temporary files for ``path`` (hidden, beside it)."""
+    return f".{path.name}.", ".tmp"
+
+
 def remove_stale_temps(path: str | os.PathLike) -> int:
     """Delete the temporary files ``atomic_open`` left beside ``path`` when its writer was killed between
-    creating and renaming them; returns how many. Only for the job that owns ``path``: a concurrent
-    writer's temporary file would go too."""
+    creating and renaming them; returns how many. The pattern also matches the temporary files of
+    names that extend ``path``'s (``NAME.part.json`` for ``NAME``), so only for the job that owns all of
+    them: a concurrent writer's temporary file would go too."""
     path = Path(path)
-    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    prefix, suffix = _temp_affixes(path)
+    stale = list(path.parent.glob(f"{glob.escape(prefix)}*{suffix}"))
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
