@@ -20,7 +20,7 @@ solution over a step of length h is the "exponential integrator" form the update
 
 Cost: nfe - 1 evaluations of an [N, V] softmax (the one at t = 0 is the prior mean, no softmax),
 each one add, one in-place addmm (into one buffer reused across steps), one softmax and one skinny
-matmul, plus one masked nearest-code search. Throughput figures: ``python -m dd bench`` (docs/benchmarks.md).
+matmul, and one addmv for the state update (``_fused_solve``), plus one masked nearest-code search. Throughput figures: ``python -m dd bench`` (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -169,13 +169,20 @@ def _sigmoid(x: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 class FlowCodebook:
-    """A [V, C] codebook prepared once: |c_j|^2 and the rows [C, V]-contiguous for the matmuls."""
+    """A [V, C] codebook prepared once for the solver.
+
+    ``logits`` / ``predict`` are the model as written above (the reference form, ``dpm_solver_pp``'s
+    ``predict``); ``plan`` holds what ``_fused_solve``, the form ``flow_map`` runs, prepares once per
+    time grid.
+    """
 
     def __init__(self, codebook: torch.Tensor, dtype: torch.dtype = torch.float32):
         book = codebook.detach().to(dtype)
         self.code_sq = book.pow(2).sum(-1)                                         # [V]
         # [C, V]-contiguous: x @ book_t and the skinny w @ book_t.T are up to 3x faster on CPU that way
         self.book_t = book.T.contiguous()
+        self.book = self.book_t.T                                                 # [V, C] view of it
+        self._plans: dict = {}
 
     @classmethod
     def of(cls, codebook: torch.Tensor, dtype: torch.dtype) -> "FlowCodebook":
@@ -185,8 +192,7 @@ class FlowCodebook:
 
     def logits(self, y: torch.Tensor, t: float, logp: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[N, V] log w_j(x_t) up to a per-row constant, for the state y = x_t / (1-t) [N, C] and log p [N, V]:
-        log p_j + s x.c_j - s t |c_j|^2 / 2 with s = t / (1-t)^2, i.e. s x.c_j = t / (1-t) y.c_j; one add
-        and one in-place addmm (into ``out`` if given: one [N, V] buffer for all the solver's steps)."""
+        log p_j + s x.c_j - s t |c_j|^2 / 2 with s = t / (1-t)^2, i.e. s x.c_j = t / (1-t) y.c_j."""
         scale = t / (1.0 - t) ** 2
         return torch.add(logp, self.code_sq, alpha=-0.5 * t * scale, out=out).addmm_(y, self.book_t,
                                                                                      alpha=t / (1.0 - t))
@@ -196,13 +202,33 @@ class FlowCodebook:
         """D(x_t, t) = E[x1 | x_t] = softmax(logits) @ codebook, [N, C], for y = x_t / (1-t) (the solver's
         state). ``mass`` = p.sum(-1, keepdim=True)."""
         if t == 0.0:                         # the posterior is the prior: D is the p-weighted mean
-            return (p @ self.book_t.T).div_(mass)
-        return torch.softmax(self.logits(y, t, logp, out=buffer), dim=-1) @ self.book_t.T
+            return (p @ self.book).div_(mass)
+        return torch.softmax(self.logits(y, t, logp, out=buffer), dim=-1) @ self.book
 
-    def nearest(self, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest row to x [N, C] among those not ``blocked`` [N, V] (bool; p_j = 0)."""
+    def plan(self, times: tuple[float, ...], order: int) -> list:
+        """Per solver step: the logits' coefficients (a, b), logits = log p + b |c|^2 + a y.c (None at
+        t = 0), and the weights [order] of the prediction ring buffer in the update of y (None at the
+        end). Built once per grid and order from ``_solver_plan``."""
+        key = (times, order)
+        if key not in self._plans:
+            steps = []
+            for i, (s, weights) in enumerate(_solver_plan(times, order)):
+                a = b = w = None
+                if s > 0.0:
+                    a, b = s / (1.0 - s), -0.5 * s * s / (1.0 - s) ** 2
+                if weights is not None:      # weights[j] goes with the prediction of step i - j
+                    w = self.code_sq.new_zeros(order)
+                    for j, wj in enumerate(weights):
+                        w[(i - j) % order] = wj
+                steps.append((a, b, w))
+            self._plans[key] = steps
+        return self._plans[key]
+
+    def nearest(self, x: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+        """Index of the nearest row to x [N, C] among those not ``blocked`` [N, V] (bool, p_j = 0; None:
+        every row allowed)."""
         dist = torch.addmm(self.code_sq, x, self.book_t, alpha=-2.0)   # |c|^2 - 2 x.c (+|x|^2)
-        return dist.masked_fill_(blocked, math.inf).argmin(-1)
+        return (dist if blocked is None else dist.masked_fill_(blocked, math.inf)).argmin(-1)
 
 
 _BOOK_CACHE = WeakIdKeyDictionary()
@@ -277,6 +303,36 @@ def _update_coefficients(lams: list[float], lam_t: float, t: float, k: int) -> l
     # D' = slope0 + h0/2 D''  =>  b D' + c D'' = (b + q) slope0 - q slope1
     q = (b * h0 / 2 + c) * 2.0 / (h0 + h1)
     return [a + (b + q) / h0, -(b + q) / h0 - q / h1, q / h1]
+
+
+def _fused_solve(x: torch.Tensor, p: torch.Tensor, mass: torch.Tensor, logp: torch.Tensor, book: FlowCodebook,
+                 times: tuple[float, ...], order: int) -> torch.Tensor:
+    """``dpm_solver_pp(x, book.predict, times, order)`` in fewer tensor ops: the end point [N, C].
+
+    Predictions go to a ring buffer of ``order`` slots, and the update y += sum_k w_k D_k is one addmv
+    over it with weights prepared per grid (``FlowCodebook.plan``). Per evaluation: add + addmm_ (the
+    logits), softmax, mm, addmv, where the reference form takes 6-8 ops; on the small batches of pair
+    generation the per-op overhead is most of the cost (tested equal to the reference solve).
+    """
+    n, C = x.shape
+    t0 = times[0]
+    y = x.clone(memory_format=torch.contiguous_format)  # the state y = x / (1 - t); never write into x
+    if t0 != 0.0:
+        y.div_(1.0 - t0)
+    ring = x.new_zeros(order, n, C)                     # zeros: a weight 0 on an unwritten slot stays 0
+    slots, ring_t, y_flat = ring.unbind(0), ring.view(order, -1).T, y.view(-1)
+    buffer = torch.empty_like(logp)
+    for i, (a, b, w) in enumerate(book.plan(times, order)):
+        d = slots[i % order]
+        if a is None:                        # t = 0: the posterior is the prior, D is the p-weighted mean
+            torch.mm(p, book.book, out=d).div_(mass)
+        else:
+            logits = torch.add(logp, book.code_sq, alpha=b, out=buffer).addmm_(y, book.book_t, alpha=a)
+            torch.mm(torch.softmax(logits, dim=-1), book.book, out=d)
+        if w is None:                        # the end, t = 1: the data prediction itself
+            return d
+        y_flat.addmv_(ring_t, w)
+    return y * (1.0 - times[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,14 +464,16 @@ def _map_rows(x: torch.Tensor, p: torch.Tensor, book: FlowCodebook, times: list[
     lo, hi = torch.aminmax(p)
     low_mass = mass.amin()
     if p.device.type == "cpu":
-        ok = lo.item() >= 0 and hi.item() <= 1 and low_mass.item() > 0
+        smallest = lo.item()
+        ok = smallest >= 0 and hi.item() <= 1 and low_mass.item() > 0
+        any_zero = smallest <= 0             # known here for free: no zero, no masking ops at all
     else:
         ok = (lo >= 0) & (hi <= 1) & (low_mass > 0)
-    blocked = p <= 0
+        any_zero = True
+    blocked = p <= 0 if any_zero else None
     # log(0) takes a slow path in the vectorised log (4x slower with top-k zeros): fill the -inf in afterwards
-    logp = torch.where(blocked, 1.0, p).log_().masked_fill_(blocked, -math.inf)
-    buffer = torch.empty_like(logp)
-    x1 = dpm_solver_pp(x, lambda y, t: book.predict(y, t, p, mass, logp, buffer), times, order)
+    logp = torch.where(blocked, 1.0, p).log_().masked_fill_(blocked, -math.inf) if any_zero else p.log()
+    x1 = _fused_solve(x, p, mass, logp, book, tuple(times), order)
     return book.nearest(x1, blocked), x1, ok
 
 
