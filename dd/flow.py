@@ -232,6 +232,7 @@ class FlowCodebook:
 
 
 _BOOK_CACHE = WeakIdKeyDictionary()
+_TIMES_CACHE = WeakIdKeyDictionary()     # the time grid per codebook tensor, nfe and schedule
 
 
 def dpm_solver_pp(noise: torch.Tensor, predict, times: list[float], order: int = 3) -> torch.Tensor:
@@ -416,7 +417,8 @@ def _run(noise, probs, codebook, nfe, order, schedule, chunk_rows, want_endpoint
     V, C = _check(noise, probs, codebook, nfe, order)
     lead = noise.shape[:-1]
     n = math.prod(lead)
-    times = solver_times(nfe, codebook, schedule)
+    times = _cached_per_tensor(_TIMES_CACHE, codebook, (nfe, schedule),
+                               lambda: tuple(solver_times(nfe, codebook, schedule)))
     work = torch.float64 if noise.dtype == torch.float64 else torch.float32
     book = FlowCodebook.of(codebook, work)
     x_all = noise.reshape(n, C).to(work)
@@ -453,7 +455,7 @@ def _run(noise, probs, codebook, nfe, order, schedule, chunk_rows, want_endpoint
     return idx.view(lead), (end.view(*lead, C).to(noise.dtype) if want_endpoint else None)
 
 
-def _map_rows(x: torch.Tensor, p: torch.Tensor, book: FlowCodebook, times: list[float], order: int):
+def _map_rows(x: torch.Tensor, p: torch.Tensor, book: FlowCodebook, times: tuple[float, ...], order: int):
     """Solve one chunk: (indices [rows], end points [rows, C], whether p's rows are probability vectors).
 
     The check (every entry in [0, 1], a NaN fails both, and some mass in every row) is a Python bool
@@ -473,7 +475,7 @@ def _map_rows(x: torch.Tensor, p: torch.Tensor, book: FlowCodebook, times: list[
     blocked = p <= 0 if any_zero else None
     # log(0) takes a slow path in the vectorised log (4x slower with top-k zeros): fill the -inf in afterwards
     logp = torch.where(blocked, 1.0, p).log_().masked_fill_(blocked, -math.inf) if any_zero else p.log()
-    x1 = _fused_solve(x, p, mass, logp, book, tuple(times), order)
+    x1 = _fused_solve(x, p, mass, logp, book, times, order)
     return book.nearest(x1, blocked), x1, ok
 
 
