@@ -1,8 +1,10 @@
 """Family-independent pieces of the DD student (paper App. B, Eq. 6).
 
 A student sees the whole token sequence at once: data tokens before step t, noise tokens from step t
-on. Its forward returns, for every token position, logits over the codebook and a continuous
-embedding. ``t`` is always an AR *step* index; ``begin`` is the first token index of that step.
+on. Its forward ``student(x, labels, t)`` returns, for every token position, logits over the codebook
+and a continuous embedding; ``student(x, labels, t, rows=(logit_tokens, emb_tokens))``, two slices of
+token indices, returns only those logits and those embeddings (what sampling uses, ``output_rows``).
+``t`` is always an AR *step* index; ``begin`` is the first token index of that step.
 """
 from __future__ import annotations
 
@@ -48,3 +50,35 @@ def final_sequence(tokens: torch.Tensor, logits: torch.Tensor, codebook: torch.T
     """Positions before ``split_begin`` take codebook[argmax logits]; later ones keep the continuous tokens."""
     head = codebook[logits[:, :split_begin].argmax(-1)]
     return torch.cat([head, tokens[:, split_begin:]], dim=1)
+
+
+def output_rows(begin: int, split: int, n_tokens: int) -> tuple[slice, slice]:
+    """The outputs a DD sampling step uses (``assemble``): logits of tokens begin..split-1 and embeddings
+    of tokens max(begin, split).. on; the tokens before ``begin`` are given (Eq. 6) and need neither."""
+    mid = max(begin, split)
+    return slice(begin, mid), slice(mid, n_tokens)
+
+
+def assemble(logits: torch.Tensor, emb: torch.Tensor, x_t: torch.Tensor, begin: int, split: int,
+             codebook: torch.Tensor) -> torch.Tensor:
+    """``final_sequence(*final_predict(...), split)`` from the outputs of ``output_rows`` only: [B, n, C].
+
+    Tokens before ``split`` are codes: given ones (< begin) their own nearest code (Eq. 6's one-hot
+    logits), the others codebook[argmax logits]; tokens from ``split`` on are vectors: given ones keep
+    their input, the others take the embeddings.
+    """
+    lo, hi = min(begin, split), max(begin, split)
+    parts = []
+    if lo > 0:
+        parts.append(codebook[nearest_code_matmul(x_t[:, :lo], codebook)])
+    if hi > lo:
+        parts.append(codebook[logits.argmax(-1)] if begin < split else x_t[:, lo:hi])
+    parts.append(emb)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def nearest_code_matmul(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``nearest_code`` from |c|^2 - 2 x.c: a [..., V] matrix instead of the [..., V, C] differences
+    (GBs for a batch of 256-token sequences at V = 16384); the same index except at rounding-level
+    ties, and exactly for vectors that are codebook rows (the given tokens of a sampler)."""
+    return torch.matmul(x, codebook.T).mul_(-2.0).add_(codebook.pow(2).sum(-1)).argmin(-1)

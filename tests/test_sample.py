@@ -55,3 +55,70 @@ def test_teacher_and_skip_baselines_step_counts():
     emb, n = skip_sample(t, labels, 1, SamplingConfig())
     assert emb.shape == (2, 3, 4) and n == 2
     assert t.decode_prefix(emb).shape == t.decode_embeddings(torch.zeros(2, 6, 4)).shape
+
+
+def _reference_dd_step(student, teacher, x, noise, labels, step, split_step):
+    """DD's sampling step as the original code does it: every output, Eq. 6 (final_predict), then the split."""
+    from dd.student import final_predict, final_sequence, perturb
+    B = x.shape[0]
+    begin = torch.full((B,), teacher.step_begin(step - 1), dtype=torch.long)
+    x_t = perturb(x, noise, begin)
+    logits, emb = student(x_t, labels, torch.full((B,), step - 1, dtype=torch.long))
+    tokens, fp = final_predict(logits, emb, x_t, begin, teacher.codebook)
+    return final_sequence(tokens, fp, teacher.codebook, teacher.step_begin(split_step - 1))
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_dd_step_computes_only_the_outputs_it_uses_and_matches_the_full_computation(family):
+    # dd_step asks the student for the logits before the split and the embeddings after it only
+    # (rows=...); the sequence must equal the original full-output computation, for steps whose first
+    # token is before, at and after the split, and for the split at the first and the last step
+    from dd import bench, families
+    from dd.sample import dd_step
+    b = bench.tiny_teacher(family, seed=0)
+    teacher = b.teacher.eval().requires_grad_(False)
+    student = families.student_from_teacher(teacher).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.parameters():       # the logits head starts at zero: give every output a value
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    K, n, C = teacher.n_steps, teacher.n_tokens, teacher.codebook.shape[1]
+    labels = torch.tensor([1, 4, 7])
+    noise = torch.randn(3, n, C, generator=g)
+    for split_step in sorted({1, 2, K // 2 + 1, K}):
+        x = dd_step(student, teacher, noise, noise, labels, 1, split_step)
+        torch.testing.assert_close(x, _reference_dd_step(student, teacher, noise, noise, labels, 1, split_step))
+        for step in range(2, K + 1):
+            got = dd_step(student, teacher, x, noise, labels, step, split_step)
+            want = _reference_dd_step(student, teacher, x, noise, labels, step, split_step)
+            torch.testing.assert_close(got, want, msg=f"step {step}, split step {split_step}")
+            assert got.shape == (3, n, C)
+        # the part before the split really is codebook rows
+        from dd.student import nearest_code
+        head = x[:, :teacher.step_begin(split_step - 1)]
+        assert torch.equal(teacher.codebook[nearest_code(head, teacher.codebook)], head)
+
+
+def test_rows_select_the_same_outputs_as_the_full_forward():
+    from dd import bench, families
+    for family in ("llamagen", "var"):
+        teacher = bench.tiny_teacher(family, seed=1).teacher.eval()
+        student = families.student_from_teacher(teacher).eval().requires_grad_(False)
+        n, C = teacher.n_tokens, teacher.codebook.shape[1]
+        x, labels, t = torch.randn(2, n, C), torch.tensor([0, 3]), torch.tensor([0, 2])
+        with torch.no_grad():
+            logits, emb = student(x, labels, t)
+            part_logits, part_emb = student(x, labels, t, rows=(slice(2, 7), slice(7, n)))
+        assert part_logits.shape == (2, 5, logits.shape[-1]) and part_emb.shape == (2, n - 7, C)
+        torch.testing.assert_close(part_logits, logits[:, 2:7])
+        torch.testing.assert_close(part_emb, emb[:, 7:])
+
+
+def test_nearest_code_matmul_agrees_with_the_difference_form():
+    from dd.student import nearest_code, nearest_code_matmul
+    g = torch.Generator().manual_seed(5)
+    book = torch.randn(300, 8, generator=g)
+    x = torch.randn(4, 50, 8, generator=g)
+    assert torch.equal(nearest_code_matmul(x, book), nearest_code(x, book))
+    idx = torch.randint(0, 300, (4, 50), generator=g)
+    assert torch.equal(nearest_code_matmul(book[idx], book), idx)

@@ -84,6 +84,7 @@ class ToyStudent(nn.Module):
         self.out_emb = nn.Linear(width, n * C)
         self.n, self.V, self.C = n, V, C
 
-    def forward(self, x, labels, t):
+    def forward(self, x, labels, t, rows=None):
         h = torch.tanh(self.inp(x.flatten(1)) + self.cls(labels) + self.t_emb(t))
-        return self.out_logits(h).view(-1, self.n, self.V), self.out_emb(h).view(-1, self.n, self.C)
+        logits, emb = self.out_logits(h).view(-1, self.n, self.V), self.out_emb(h).view(-1, self.n, self.C)
+        return (logits, emb) if rows is None else (logits[:, rows[0]], emb[:, rows[1]])

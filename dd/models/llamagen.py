@@ -783,16 +783,22 @@ class DDStudent(_Backbone):
         pos = torch.arange(n_tokens + 1, device=t.device)
         return (pos[None, :] <= t[:, None]).long()
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
+                rows: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, n, C], labels [B], t [B] (AR step = number of given data tokens) ->
-        (logits [B, n, V] float, embeddings [B, n, C] float), raw head outputs at every token."""
+        (logits [B, n, V] float, embeddings [B, n, C] float), raw head outputs at every token; with
+        ``rows`` = (logit_tokens, emb_tokens) only the logits and embeddings of those tokens."""
         cond = self.cls_embedding(labels)                                    # [B, 1, D]
         h = torch.cat([cond, self.tok_embeddings(x)], dim=1)
         h = h + self.n_d_embed(self.noise_data_index(t.to(x.device).long(), x.shape[1]))
         h = self.run_blocks(self.tok_dropout(h))
+        n_cls = self.config.cls_token_num
+        if rows is not None:
+            tokens = h[:, n_cls:]
+            return (self.output(self.norm(tokens[:, rows[0]])).float(),
+                    self.final_layer_conti(tokens[:, rows[1]], cond).float())
         logits = self.output(self.norm(h)).float()
         emb = self.final_layer_conti(h, cond).float()                        # on the un-normalised h
-        n_cls = self.config.cls_token_num
         return logits[:, n_cls:], emb[:, n_cls:]
 
     @classmethod

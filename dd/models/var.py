@@ -1101,21 +1101,27 @@ class VARStudent(VAR):
             return None
         return self.layerwise_n_d_embed[i](nd) if self.cfg.layerwise_n_d_embed else nd
 
-    def heads(self, h: torch.Tensor, cond_BD: torch.Tensor, nd) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [B, n, V], continuous vectors [B, n, Cvae]); the start token is dropped."""
+    def heads(self, h: torch.Tensor, cond_BD: torch.Tensor, nd,
+              rows: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, n, V], continuous vectors [B, n, Cvae]); the start token is dropped. With ``rows``
+        = (logit_tokens, emb_tokens): only the logits and vectors of those tokens."""
         extra = self.nd_for_block(self.cfg.depth, nd)
         if extra is not None:
             h = h.float() + extra
+        if rows is not None:
+            tokens = h[:, 1:]
+            return self.logits(tokens[:, rows[0]], cond_BD), self.final_layer_conti(tokens[:, rows[1]], cond_BD)
         return self.logits(h, cond_BD)[:, 1:], self.final_layer_conti(h, cond_BD)[:, 1:]
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor):
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, rows: tuple[slice, slice] | None = None):
         """x [B, n, Cvae] (data before step t, noise after), labels [B], t [B] step index
-        -> (logits [B, n, V], emb [B, n, Cvae]) for every position."""
+        -> (logits [B, n, V], emb [B, n, Cvae]) for every position, or with ``rows`` = (logit_tokens,
+        emb_tokens) for those tokens only."""
         h, cond_BD, nd = self.embed_student(x, labels, t)
         cond = self.block_cond(cond_BD)
         for i, block in enumerate(self.blocks):
             h = block(h, cond, attn_bias=self.attn_bias_for_masking, mid_residual=self.nd_for_block(i, nd))
-        return self.heads(h, cond_BD, nd)
+        return self.heads(h, cond_BD, nd, rows)
 
     def training_loss(self, *args, **kwargs):
         # the inherited teacher-forcing loss does not apply to the student
