@@ -20,7 +20,8 @@ solution over a step of length h is the "exponential integrator" form the update
 
 Cost: nfe - 1 evaluations of an [N, V] softmax (the one at t = 0 is the prior mean, no softmax),
 each one add, one in-place addmm (into one buffer reused across steps), one softmax and one skinny
-matmul, and one addmv for the state update (``_fused_solve``), plus one masked nearest-code search. Throughput figures: ``python -m dd bench`` (docs/benchmarks.md).
+matmul, and one addmv for the state update (``_fused_solve``), plus one masked nearest-code search.
+Throughput figures: ``python -m dd bench`` (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -198,29 +199,26 @@ class FlowCodebook:
                                                                                      alpha=t / (1.0 - t))
 
     def predict(self, y: torch.Tensor, t: float, p: torch.Tensor, mass: torch.Tensor, logp: torch.Tensor,
-                buffer: torch.Tensor | None = None) -> torch.Tensor:
+                buffer: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """D(x_t, t) = E[x1 | x_t] = softmax(logits) @ codebook, [N, C], for y = x_t / (1-t) (the solver's
-        state). ``mass`` = p.sum(-1, keepdim=True)."""
+        state), written into ``out`` if given. ``mass`` = p.sum(-1, keepdim=True)."""
         if t == 0.0:                         # the posterior is the prior: D is the p-weighted mean
-            return (p @ self.book).div_(mass)
-        return torch.softmax(self.logits(y, t, logp, out=buffer), dim=-1) @ self.book
+            return torch.mm(p, self.book, out=out).div_(mass)
+        return torch.mm(torch.softmax(self.logits(y, t, logp, out=buffer), dim=-1), self.book, out=out)
 
-    def plan(self, times: tuple[float, ...], order: int) -> list:
-        """Per solver step: the logits' coefficients (a, b), logits = log p + b |c|^2 + a y.c (None at
-        t = 0), and the weights [order] of the prediction ring buffer in the update of y (None at the
-        end). Built once per grid and order from ``_solver_plan``."""
+    def plan(self, times: tuple[float, ...], order: int) -> list[tuple[float, torch.Tensor | None]]:
+        """Per solver step: (evaluation time, the weights [order] of the prediction ring buffer in the
+        update of y, None at the end). Built once per grid and order from ``_solver_plan``."""
         key = (times, order)
         if key not in self._plans:
             steps = []
             for i, (s, weights) in enumerate(_solver_plan(times, order)):
-                a = b = w = None
-                if s > 0.0:
-                    a, b = s / (1.0 - s), -0.5 * s * s / (1.0 - s) ** 2
+                w = None
                 if weights is not None:      # weights[j] goes with the prediction of step i - j
                     w = self.code_sq.new_zeros(order)
                     for j, wj in enumerate(weights):
                         w[(i - j) % order] = wj
-                steps.append((a, b, w))
+                steps.append((s, w))
             self._plans[key] = steps
         return self._plans[key]
 
@@ -310,10 +308,11 @@ def _fused_solve(x: torch.Tensor, p: torch.Tensor, mass: torch.Tensor, logp: tor
                  times: tuple[float, ...], order: int) -> torch.Tensor:
     """``dpm_solver_pp(x, book.predict, times, order)`` in fewer tensor ops: the end point [N, C].
 
-    Predictions go to a ring buffer of ``order`` slots, and the update y += sum_k w_k D_k is one addmv
-    over it with weights prepared per grid (``FlowCodebook.plan``). Per evaluation: add + addmm_ (the
-    logits), softmax, mm, addmv, where the reference form takes 6-8 ops; on the small batches of pair
-    generation the per-op overhead is most of the cost (tested equal to the reference solve).
+    Predictions (``FlowCodebook.predict``) go straight into a ring buffer of ``order`` slots, and the
+    update y += sum_k w_k D_k is one addmv over it with weights prepared per grid (``FlowCodebook.plan``).
+    Per evaluation: add + addmm_ (the logits), softmax, mm, addmv, where ``dpm_solver_pp``'s generic
+    update takes 6-8 ops; on the small batches of pair generation the per-op overhead is most of the
+    cost (tested equal to the reference solve).
     """
     n, C = x.shape
     t0 = times[0]
@@ -323,13 +322,8 @@ def _fused_solve(x: torch.Tensor, p: torch.Tensor, mass: torch.Tensor, logp: tor
     ring = x.new_zeros(order, n, C)                     # zeros: a weight 0 on an unwritten slot stays 0
     slots, ring_t, y_flat = ring.unbind(0), ring.view(order, -1).T, y.view(-1)
     buffer = torch.empty_like(logp)
-    for i, (a, b, w) in enumerate(book.plan(times, order)):
-        d = slots[i % order]
-        if a is None:                        # t = 0: the posterior is the prior, D is the p-weighted mean
-            torch.mm(p, book.book, out=d).div_(mass)
-        else:
-            logits = torch.add(logp, book.code_sq, alpha=b, out=buffer).addmm_(y, book.book_t, alpha=a)
-            torch.mm(torch.softmax(logits, dim=-1), book.book, out=d)
+    for i, (s, w) in enumerate(book.plan(times, order)):
+        d = book.predict(y, s, p, mass, logp, buffer, out=slots[i % order])
         if w is None:                        # the end, t = 1: the data prediction itself
             return d
         y_flat.addmv_(ring_t, w)
