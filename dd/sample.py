@@ -14,10 +14,6 @@ from dd.student import assemble, nearest_code_matmul, output_rows, perturb
 from dd.teacher import SamplingConfig, Teacher
 
 
-def _begin(teacher: Teacher, step: int, batch: int, device) -> torch.Tensor:
-    return torch.full((batch,), teacher.step_begin(step - 1), device=device, dtype=torch.long)
-
-
 @torch.no_grad()
 def dd_step(student: nn.Module, teacher: Teacher, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
             step: int, split_step: int) -> torch.Tensor:
@@ -28,7 +24,7 @@ def dd_step(student: nn.Module, teacher: Teacher, x: torch.Tensor, noise: torch.
     begin, split = teacher.step_begin(step - 1), teacher.step_begin(split_step - 1)
     t = torch.full((B,), step - 1, device=x.device, dtype=torch.long)
     # step 1: the input is the noise itself and nothing is given
-    x_t = noise if begin == 0 else perturb(x, noise, _begin(teacher, step, B, x.device))
+    x_t = noise if begin == 0 else perturb(x, noise, torch.full((B,), begin, device=x.device, dtype=torch.long))
     logits, emb = student(x_t, labels, t, rows=output_rows(begin, split, n))
     return assemble(logits, emb, x_t, begin, split, teacher.codebook)
 

@@ -78,7 +78,11 @@ def assemble(logits: torch.Tensor, emb: torch.Tensor, x_t: torch.Tensor, begin: 
 
 
 def nearest_code_matmul(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``nearest_code`` from |c|^2 - 2 x.c: a [..., V] matrix instead of the [..., V, C] differences
-    (GBs for a batch of 256-token sequences at V = 16384); the same index except at rounding-level
-    ties, and exactly for vectors that are codebook rows (the given tokens of a sampler)."""
-    return torch.matmul(x, codebook.T).mul_(-2.0).add_(codebook.pow(2).sum(-1)).argmin(-1)
+    """``nearest_code`` from |c|^2 - 2 x.c (the flow map's ``FlowCodebook.nearest``, its prepared codebook
+    cached per tensor): a [..., V] matrix instead of the [..., V, C] differences (GBs for a batch of
+    256-token sequences at V = 16384); the same index except at rounding-level ties, and exactly for
+    vectors that are codebook rows (the given tokens of a sampler)."""
+    from dd.flow import FlowCodebook
+
+    book = FlowCodebook.of(codebook, x.dtype)
+    return book.nearest(x.reshape(-1, x.shape[-1]), None).view(x.shape[:-1])
