@@ -11,20 +11,21 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "verify-golden": ("dd.golden", "check our models against golden files recorded from the original code"),
-    "download": ("dd.download", "download released checkpoints (resume, retries, SHA-256 lock file)"),
-    "train-tokenizer": ("dd.train", "train a tiny tokenizer on the bundled 8x8 digits"),
-    "train-teacher": ("dd.train", "train a tiny AR teacher on the bundled 8x8 digits"),
-    "train-classifier": ("dd.classifier", "train the digits classifier (embedded-default feature network)"),
-    "generate-pairs": ("dd.pairs", "write one shard of (noise, data tokens, label) pairs"),
-    "distill": ("dd.distill", "train a DD student on pair shards"),
-    "sample": ("dd.sample", "sample images: DD few-step, teacher-involved, teacher and baselines"),
-    "evaluate": ("dd.evaluate", "FID / IS / precision / recall of a sample set (torch-fidelity)"),
+    "verify-golden": ("dd.golden.cli", "check our models against golden files recorded from the original code"),
+    "download": ("dd.pipeline.download", "download released checkpoints (Hugging Face Hub, SHA-256 lock file)"),
+    "train-tokenizer": ("dd.pipeline.tiny_teachers", "train a tiny tokenizer on the bundled 8x8 digits"),
+    "train-teacher": ("dd.pipeline.tiny_teachers", "train a tiny AR teacher on the bundled 8x8 digits"),
+    "train-classifier": ("dd.evaluation.classifier", "train the digits classifier (embedded-default feature network)"),
+    "generate-pairs": ("dd.method.pairs", "write one shard of (noise, data tokens, label) pairs"),
+    "index-shards": ("dd.method.pairs", "check that pair shards form one pair set and write its index"),
+    "distill": ("dd.method.distill", "train a DD student on a pair set"),
+    "sample": ("dd.method.sample", "sample images: DD few-step, teacher-involved, teacher and baselines"),
+    "digits-reference": ("dd.evaluation.reference", "write the digits reference set (FID reference of the tiny teachers)"),
+    "evaluate": ("dd.evaluation.metrics", "FID / IS / precision / recall of a sample set (torch-fidelity)"),
+    "track": ("dd.pipeline.track", "log finished pipeline jobs to the MLflow store"),
+    "report": ("dd.pipeline.report", "tables (paper Tables 1-2) and figures (Fig. 1/6/7) from the results"),
+    "clear-stale-locks": ("dd.pipeline.snakemake_locks", "remove Snakemake locks whose run was killed (pid gone)"),
     "bench": ("dd.bench", "benchmark DD against its teacher side by side"),
-    "digits-reference": ("dd.pipeline", "write the digits reference set (FID reference of the tiny teachers)"),
-    "index-shards": ("dd.pipeline", "check that pair shards form one pair set and write its index"),
-    "track": ("dd.track", "log finished pipeline jobs to the MLflow store"),
-    "report": ("dd.report", "tables (paper Tables 1-2) and figures (Fig. 1/6/7) from the results"),
 }
 
 
@@ -67,13 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type, ...]:
     """The errors that describe a problem with the user's input rather than a bug (imported only when needed)."""
-    from dd.config import ConfigError
-    from dd.distill import DistillError
-    from dd.download import DownloadError
-    from dd.evaluate import SampleSetError
-    from dd.families import ArtefactError
-    from dd.pairs import ShardError
-    from dd.pipeline import ShardSetError
+    from dd.evaluation.sample_sets import SampleSetError
+    from dd.io import ArtefactError
+    from dd.method.distill import DistillError
+    from dd.method.pairs import ShardError, ShardSetError
+    from dd.pipeline.config import ConfigError
+    from dd.pipeline.download import DownloadError
 
     return (ConfigError, DistillError, DownloadError, SampleSetError, ArtefactError, ShardError, ShardSetError)
 

@@ -41,28 +41,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dd import families
-from dd.teacher import Teacher
+from dd.families import loading as families
+from dd.families.registry import FAMILIES, get_family
+from dd.method.teacher import Teacher
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config" / "tiny"
 
-# Targets of issue 7 (tiny teachers, this machine): met / missed is reported, never asserted.
-LATENCY_TARGET = {"llamagen": 0.90, "var": 0.70}   # DD 1-step speedup at batch 1 / teacher steps
+# Targets of issue 7 (tiny teachers, this machine): met / missed is reported, never asserted. The DD 1-step
+# latency target (speedup at batch 1 / teacher steps) is each family's ``Family.latency_target``.
 PAIRGEN_TARGET = 1.10                               # pair generation time / plain sampling time
 STORAGE_TARGET = 2.0                                # bytes per token (plus a fixed per-pair header)
 
-# The codebooks of the released tokenizers, given to tiny transformers for the pair-generation figure.
-REAL_CODEBOOKS = {"llamagen": {"codebook_size": 16384, "codebook_dim": 8},
-                  "var": {"vocab_size": 4096, "z_channels": 32}}
+# The tiny transformers are also given the released tokenizers' codebooks (``Family.real_codebook``) for the
+# pair-generation figure. Pair generation on the real-size teachers times only their first
+# ``Family.real_pair_steps`` AR steps (LlamaGen-B: 32 of 256, every step one token; VAR-d16: 8 of 10, 255 of 680
+# tokens, as the last two scales alone take ~2/3 of its time).
 FLOW_MAP_SIZES = ((16384, 8), (4096, 32))
-# Pair generation on the real-size teachers times only the first AR steps: LlamaGen-B 32 of 256
-# (every step is one token), VAR-d16 8 of 10 (255 of 680 tokens; the last two scales alone take ~2/3
-# of its time).
-REAL_PAIR_STEPS = {"llamagen": 32, "var": 8}
-
-# DD's second timestep (paper notation) as the pipeline trains it: the paper's {1, 81} of LlamaGen's
-# 256 steps and {1, 6} of VAR's 10, and config/config.yaml's scaled-down {1, 9} and {1, 3}.
-SECOND_STEP = {("llamagen", 256): 81, ("llamagen", 16): 9, ("var", 10): 6, ("var", 4): 3}
 
 
 @dataclass
@@ -156,39 +150,31 @@ def tiny_teacher(family: str, seed: int = 0, config_dir: Path = CONFIG_DIR, name
                  **tokenizer_overrides) -> Bench:
     """The embedded-default architecture (config/tiny/<family>.yaml), randomly initialised; the
     tokenizer arch can be overridden (e.g. the released codebook size)."""
-    from dd.train import load_config
+    from dd.pipeline.tiny_teachers import load_config
 
     cfg = load_config(Path(config_dir) / f"{family}.yaml")
     torch.manual_seed(seed)
-    tok = families.build_tokenizer(family, {**cfg["tokenizer"]["arch"], **tokenizer_overrides})
-    arch = dict(cfg["teacher"]["arch"])
-    if family == "llamagen":                 # the token grid follows from the image size
-        arch["image_size"] = cfg["image_size"]
-    ar = families.build_ar(family, arch, tok)
-    return Bench(family, name, families.make_teacher(family, tok, ar), ar)
+    teacher = families.build_tiny_teacher(cfg, **tokenizer_overrides)
+    return Bench(family, name, teacher, teacher.ar)
 
 
 def real_size_teacher(family: str, seed: int = 0) -> Bench:
-    """LlamaGen-B with the VQ-16 tokenizer, or VAR-d16 with the released VQVAE layout; random weights."""
+    """The smallest released architecture of the family (LlamaGen-B, VAR-d16) with random weights."""
     torch.manual_seed(seed)
-    if family == "llamagen":
-        from dd.models.llamagen import GPT, LlamaGenTeacher, VQModel, gpt_preset, vq_16
-        ar = GPT(gpt_preset("B"))
-        return Bench(family, "B", LlamaGenTeacher(VQModel(vq_16()), ar), ar)
-    from dd.models.var import VAR, VARConfig, VARTeacher, VQVAE, VQVAEConfig
-    ar = VAR(VARConfig.from_depth(16))
-    return Bench(family, "d16", VARTeacher(VQVAE(VQVAEConfig()), ar), ar)
+    name, teacher = get_family(family).real_size_teacher()
+    return Bench(family, name, teacher, teacher.ar)
 
 
 def checkpoint_teacher(args) -> Bench:
     spec = {"family": args.family, "tokenizer": args.tokenizer, "model": args.model, "released": args.released}
     teacher, _ = families.load_teacher(spec)
-    ar = teacher.gpt if args.family == "llamagen" else teacher.model
-    return Bench(args.family, "checkpoint", teacher, ar)
+    return Bench(args.family, "checkpoint", teacher, teacher.ar)
 
 
 def second_step(teacher: Teacher) -> int:
-    return SECOND_STEP.get((teacher.family, teacher.n_steps), teacher.n_steps // 2 + 1)
+    """DD's second timestep (paper notation) as the pipeline trains it: the paper's {1, 81} of LlamaGen's 256
+    steps and {1, 6} of VAR's 10, scaled for other step counts (config/config.yaml's {1, 9} of 16, {1, 3} of 4)."""
+    return get_family(teacher.family).second_timestep(teacher.n_steps)
 
 
 def _frozen(module: torch.nn.Module, device) -> torch.nn.Module:
@@ -205,11 +191,11 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 def bench_sampling(b: Bench, batch: int, repeats: int, warmup: int, s: Settings, clock: Clock, device,
                    decode: bool = True) -> list[dict]:
     """Rows for DD 1-step and 2-step against the teacher's sampler at one batch size."""
-    from dd.sample import dd_sample, teacher_sample
+    from dd.method.sample import dd_sample, teacher_sample
 
     teacher = _frozen(b.teacher, device)
     student = _frozen(families.student_from_teacher(teacher), device)
-    sampling = families.default_sampling(b.family, s.cfg_scale)
+    sampling = get_family(b.family).default_sampling(s.cfg_scale)
     second = second_step(teacher)
     C = teacher.codebook.shape[1]
     labels = (torch.arange(batch) % teacher.num_classes).to(device)
@@ -240,9 +226,10 @@ def bench_sampling(b: Bench, batch: int, repeats: int, warmup: int, s: Settings,
         if decode:
             with_dec = [(t + d) / (x + d) for t, x, d in zip(times["teacher"], times[key], times["decode"])]
             row.update(decode_s=spread(times["decode"])["median"], speedup_with_decode=spread(with_dec)["median"])
-        if b.family in LATENCY_TARGET and b.config == "tiny" and batch == 1 and dd_steps == 1:
-            row["target_speedup_per_teacher_step"] = LATENCY_TARGET[b.family]
-            row["met"] = row["speedup_per_teacher_step"] >= LATENCY_TARGET[b.family]
+        target = get_family(b.family).latency_target
+        if target is not None and b.config == "tiny" and batch == 1 and dd_steps == 1:
+            row["target_speedup_per_teacher_step"] = target
+            row["met"] = row["speedup_per_teacher_step"] >= target
         rows.append(row)
     return rows
 
@@ -252,7 +239,7 @@ def bench_sampling(b: Bench, batch: int, repeats: int, warmup: int, s: Settings,
 # --------------------------------------------------------------------------------------------------
 def _pair_batch(teacher: Teacher, batch: int, seed: int, device):
     """Labels and noise of pairs 0..batch-1 exactly as ``generate_shard`` draws them."""
-    from dd.pairs import pair_label_and_noise, pair_seed
+    from dd.method.pairs import pair_label_and_noise, pair_seed
 
     C = teacher.codebook.shape[1]
     drawn = [pair_label_and_noise(pair_seed(seed, i), teacher.n_tokens, C, teacher.num_classes) for i in range(batch)]
@@ -265,7 +252,7 @@ def _step_breakdown(teacher: Teacher, labels, noise, sampling, s: Settings, cloc
                     n_steps: int | None = None) -> dict:
     """Seconds spent per trajectory in the teacher's network + filtering, in the flow map, and in the
     multinomial draw of plain sampling (one run each, the same loop as the library's)."""
-    from dd.flow import flow_map
+    from dd.method.flow import flow_map
 
     spent = {"next_probs_s": 0.0, "flow_map_s": 0.0, "multinomial_s": 0.0}
     g = _generator(labels.device, s.seed)
@@ -293,10 +280,10 @@ def bench_pairgen(b: Bench, batch: int, repeats: int, warmup: int, s: Settings, 
                   n_steps: int | None = None) -> dict:
     """Pair generation against plain sampling; both stop after the first ``n_steps`` AR steps if given
     (the real-size teachers: a full batch-1 trajectory of LlamaGen-B is ~20 s on the dev CPU)."""
-    from dd.pairs import flow_trajectory
+    from dd.method.pairs import flow_trajectory
 
     teacher = _frozen(b.teacher, device)
-    sampling = families.default_sampling(b.family, s.cfg_scale)
+    sampling = get_family(b.family).default_sampling(s.cfg_scale)
     labels, noise = _pair_batch(teacher, batch, s.seed, device)
     fns = {"plain": lambda: teacher.sample(labels, sampling, _generator(device, s.seed), n_steps=n_steps),
            "pairs": lambda: flow_trajectory(teacher, labels, noise, sampling, s.nfe, s.order, n_steps=n_steps)}
@@ -324,7 +311,7 @@ def bench_pairgen(b: Bench, batch: int, repeats: int, warmup: int, s: Settings, 
 def bench_flow_map(V: int, C: int, tokens: int, repeats: int, warmup: int, s: Settings, clock: Clock, device) -> dict:
     """Per-token probabilities softmax(3 N(0,1)) over a random codebook (unit rows when C = 8, as
     LlamaGen's l2-normalised codes)."""
-    from dd.flow import flow_map
+    from dd.method.flow import flow_map
 
     g = torch.Generator().manual_seed(s.seed)
     book = torch.randn(V, C, generator=g)
@@ -349,13 +336,13 @@ def bench_flow_map(V: int, C: int, tokens: int, repeats: int, warmup: int, s: Se
 # --------------------------------------------------------------------------------------------------
 def pair_storage(b: Bench, s: Settings, device, count: int = 2) -> dict:
     """The record layout, and the bytes of a real shard of ``count`` pairs written by generate_shard."""
-    from dd.pairs import ShardSpec, generate_shard, record_dtype, token_dtype
+    from dd.method.pairs import ShardSpec, generate_shard, record_dtype, token_dtype
 
     teacher = _frozen(b.teacher, device)
     V, C = teacher.codebook.shape
     n = teacher.n_tokens
     rec, tok = record_dtype(n, V), token_dtype(V)
-    sampling = families.default_sampling(b.family, s.cfg_scale)
+    sampling = get_family(b.family).default_sampling(s.cfg_scale)
     spec = ShardSpec(teacher_id="bench", n_tokens=n, codebook_dim=C, vocab_size=V, num_classes=teacher.num_classes,
                      shard=0, count=count, base_seed=s.seed, chunk=count, nfe=s.nfe, order=s.order,
                      sampling=asdict(sampling))
@@ -377,7 +364,7 @@ def pair_storage(b: Bench, s: Settings, device, count: int = 2) -> dict:
 # 5. Distillation step vs teacher training step
 # --------------------------------------------------------------------------------------------------
 def bench_distill(b: Bench, batch: int, repeats: int, warmup: int, s: Settings, clock: Clock, device) -> dict:
-    from dd.distill import EMA, DistillConfig, build_lpips, distill_losses
+    from dd.method.distill import EMA, DistillConfig, build_lpips, distill_losses
 
     teacher, ar = b.teacher.to(device), b.ar
     teacher.tokenizer.eval().requires_grad_(False)
@@ -448,7 +435,7 @@ def run(s: Settings, families_: list[str], device: torch.device, bf16: bool = Fa
 
     pair_benches = list(benches)
     if s.real_codebooks and checkpoint is None:
-        pair_benches += [tiny_teacher(f, s.seed, name="tiny-real-codebook", **REAL_CODEBOOKS[f]) for f in families_]
+        pair_benches += [tiny_teacher(f, s.seed, name="tiny-real-codebook", **get_family(f).real_codebook) for f in families_]
     storage_rows = []
     for b in pair_benches:
         log(f"pair generation: {b.family} {b.config} V={b.teacher.codebook.shape[0]}")
@@ -457,9 +444,10 @@ def run(s: Settings, families_: list[str], device: torch.device, bf16: bool = Fa
     if s.real_size and checkpoint is None:
         for f in families_:
             b = real_size_teacher(f, s.seed)
-            log(f"pair generation: {f} {b.config} (random weights, batch 1, first {REAL_PAIR_STEPS[f]} steps)")
+            n_steps = get_family(f).real_pair_steps
+            log(f"pair generation: {f} {b.config} (random weights, batch 1, first {n_steps} steps)")
             result["pairgen_overhead"].append(bench_pairgen(b, 1, max(4, s.real_repeats), 1, s, plain_clock, device,
-                                                            n_steps=REAL_PAIR_STEPS[f]))
+                                                            n_steps=n_steps))
             del b
     worst = max(storage_rows, key=lambda r: (r["bytes_per_token"], r["header_bytes"]))
     result["pair_storage"] = {**{k: worst[k] for k in ("bytes_per_token", "header_bytes", "fp32_noise_bytes_per_token",
@@ -567,7 +555,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches (< 2 min on 2 cores)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables here")
-    parser.add_argument("--families", nargs="+", default=["llamagen", "var"], choices=sorted(families.FAMILIES))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=sorted(FAMILIES))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--bf16", action="store_true",
@@ -586,7 +574,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None,
                    help="also time the distillation step with the LPIPS loss (default: on, off with --quick)")
     t = parser.add_argument_group("optional trained teacher (instead of the random tiny configurations)")
-    t.add_argument("--family", choices=sorted(families.FAMILIES), default=None)
+    t.add_argument("--family", choices=sorted(FAMILIES), default=None)
     t.add_argument("--tokenizer", type=Path, default=None)
     t.add_argument("--model", type=Path, default=None)
     t.add_argument("--released", action="store_true")
@@ -613,12 +601,12 @@ def profile(b: Bench, s: Settings, device, rows: int = 15) -> None:
     """torch.profiler tables (self CPU time) of batch-1 sampling, both ways, and of pair generation."""
     from torch.profiler import profile as torch_profile
 
-    from dd.pairs import flow_trajectory
-    from dd.sample import dd_sample, teacher_sample
+    from dd.method.pairs import flow_trajectory
+    from dd.method.sample import dd_sample, teacher_sample
 
     teacher = _frozen(b.teacher, device)
     student = _frozen(families.student_from_teacher(teacher), device)
-    sampling = families.default_sampling(b.family, s.cfg_scale)
+    sampling = get_family(b.family).default_sampling(s.cfg_scale)
     labels = torch.zeros(1, dtype=torch.long, device=device)
     noise = torch.randn(1, teacher.n_tokens, teacher.codebook.shape[1], device=device)
     plabels, pnoise = _pair_batch(teacher, s.pair_batch, s.seed, device)

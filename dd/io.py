@@ -93,3 +93,60 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 def config_hash(obj: Any) -> str:
     """Stable short hash of a JSON-serialisable configuration."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: the one reader of torch files
+# ---------------------------------------------------------------------------------------------------------------
+class ArtefactError(ValueError):
+    """A file that is missing, corrupt, or does not belong with the others; the message names it."""
+
+
+def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Any:
+    """The contents of a torch checkpoint file, loaded with ``weights_only=True``: tensors and plain Python
+    values only, so loading runs no code from the file. With ``kind``, a checkpoint of this project that records
+    another kind (``{"kind": "tokenizer", ...}``) is refused. ArtefactError naming the file otherwise."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtefactError(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged or not a checkpoint
+        raise ArtefactError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); truncated or corrupt, or "
+                            "holding more than tensors and plain Python values") from None
+    if kind is not None and isinstance(ck, dict) and "kind" in ck and ck["kind"] != kind:
+        raise ArtefactError(f"{path}: is a {ck['kind']} checkpoint, expected a {kind} checkpoint")
+    return ck
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metric logs: append-only JSON lines
+# ---------------------------------------------------------------------------------------------------------------
+class JsonlLogger:
+    """Append-only JSON-lines log of params and metrics; on resume, lines from steps after the resume point are
+    dropped (the resumed run writes them again)."""
+
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            steps = [json.loads(line).get("step", -1) for line in rows]   # params lines have no step
+            keep = [line for line, step in zip(rows, steps) if step is not None and step <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_step is None:
+            self.path.write_text("")
+        self._f = open(self.path, "a")
+
+    def log_params(self, params: dict) -> None:
+        self._f.write(json.dumps({"params": params}, default=str) + "\n")
+        self._f.flush()
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self._f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dd import config as ddconfig
+from dd.pipeline import config as ddconfig
+from dd.pipeline import plan as ddplan
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -60,7 +61,7 @@ def test_default_and_paper_configs_are_valid():
     for name in PAPER_CONFIGS:
         checked = ddconfig.load_config(REPO / "config" / f"{name}.yaml", base_dir=REPO)
         for exp_name, exp in checked["experiments"].items():
-            plan = ddconfig.plan(exp_name, exp, REPO)
+            plan = ddplan.plan(exp_name, exp, REPO)
             if "pairs" in exp and not exp["teacher"].get("released_student"):
                 assert len(plan.shards) == exp["pairs"]["num_pairs"] // exp["pairs"]["shard_size"]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from dd import families
-from dd.distill import DistillConfig, build_lpips, distill_losses
-from dd.pairs import flow_trajectory
-from dd.teacher import SamplingConfig
+from dd.families import loading as families
+from dd.method.distill import DistillConfig, build_lpips, distill_losses
+from dd.method.pairs import flow_trajectory
+from dd.method.teacher import SamplingConfig
 
 FAMILIES = ["llamagen", "var"]
 
@@ -20,12 +20,7 @@ FAMILIES = ["llamagen", "var"]
 def tiny_teacher(family, seed=0, **tok_over):
     cfg = yaml.safe_load(open(f"config/tiny/{family}.yaml"))
     torch.manual_seed(seed)
-    tok = families.build_tokenizer(family, {**cfg["tokenizer"]["arch"], **tok_over})
-    arch = dict(cfg["teacher"]["arch"])
-    if family == "llamagen":
-        arch["image_size"] = cfg["image_size"]
-    ar = families.build_ar(family, arch, tok)
-    return families.make_teacher(family, tok, ar).eval().requires_grad_(False)
+    return families.build_tiny_teacher(cfg, **tok_over).eval().requires_grad_(False)
 
 
 def _hist(tokens, V):
@@ -76,8 +71,7 @@ def test_mismatched_artefacts_give_clear_errors(family, tmp_path):
     t = tiny_teacher(family)
     other = tiny_teacher(family, **({"codebook_size": 32} if family == "llamagen" else {"vocab_size": 32}))
     families.save_model(tmp_path / "tok.pt", family, "tokenizer", other.tokenizer)
-    ar_mod = t.gpt if family == "llamagen" else t.model
-    families.save_model(tmp_path / "ar.pt", family, "ar", ar_mod)
+    families.save_model(tmp_path / "ar.pt", family, "ar", t.ar)
     with pytest.raises(families.ArtefactError, match="tokenizer does not match the teacher"):
         families.load_teacher({"family": family, "tokenizer": tmp_path / "tok.pt", "model": tmp_path / "ar.pt"})
     with pytest.raises(families.ArtefactError, match="is a ar checkpoint, expected a tokenizer"):
@@ -87,11 +81,12 @@ def test_mismatched_artefacts_give_clear_errors(family, tmp_path):
         families.load_tokenizer(tmp_path / "bad.pt")
     # a student of the other family / architecture
     wrong = "var" if family == "llamagen" else "llamagen"
-    torch.save({"family": wrong, "student_config": {}, "ema": {}}, tmp_path / "student.pt")
+    torch.save({"family": wrong, "kind": "student", "student_config": {}, "ema": {}}, tmp_path / "student.pt")
     with pytest.raises(families.ArtefactError, match=f"a '{wrong}' student cannot be used with a '{family}' teacher"):
         families.load_student(tmp_path / "student.pt", t)
     s = families.student_from_teacher(other)
-    torch.save({"family": family, "student_config": families.model_config(s), "ema": s.state_dict()},
+    torch.save({"family": family, "kind": "student", "student_config": families.model_config(s),
+                "ema": s.state_dict()},
                tmp_path / "student2.pt")
     with pytest.raises(families.ArtefactError, match="student predicts"):
         families.load_student(tmp_path / "student2.pt", t)

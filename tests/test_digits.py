@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dd.digits import NUM_CLASSES, _raw_digits, load_digits_images, save_grid_png, split_indices, to_uint8
+from dd.evaluation.digits import NUM_CLASSES, _raw_digits, load_digits_images, save_grid_png, split_indices, to_uint8
 
 
 def test_split_is_deterministic_disjoint_and_complete():

@@ -1,4 +1,4 @@
-"""dd.download against a local HTTP server on 127.0.0.1 (nothing here touches the network)."""
+"""dd.pipeline.download against a local HTTP server on 127.0.0.1 (nothing here touches the network)."""
 import hashlib
 import http.server
 import json
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from dd.__main__ import main as cli_main
-from dd.download import REGISTRY, ChecksumError, DownloadError, download, expected_sha256, verify_file
+from dd.pipeline.download import REGISTRY, ChecksumError, DownloadError, download, expected_sha256, verify_file
 
 GOOD = bytes(range(256)) * 200  # 51200 bytes, several read chunks of the server's writes
 FAST = dict(backoff=0.01, timeout=5, progress=False)

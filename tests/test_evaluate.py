@@ -8,18 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from dd.__main__ import main as cli
-from dd.classifier import TrainConfig, classify, load_checkpoint, load_classifier, train_classifier
-from dd.digits import load_digits_images, to_uint8
-from dd.evaluate import (
-    DIGITS_EXTRACTOR,
-    DigitsFeatureExtractor,
-    SampleSetError,
-    classifier_accuracy,
-    evaluate_sample_set,
-    load_sample_set,
-    write_digits_reference,
-    write_sample_set,
-)
+from dd.evaluation.classifier import TrainConfig, classify, load_checkpoint, load_classifier, train_classifier
+from dd.evaluation.digits import load_digits_images, to_uint8
+from dd.evaluation.metrics import DIGITS_EXTRACTOR, DigitsFeatureExtractor, classifier_accuracy, evaluate_sample_set
+from dd.evaluation.reference import write_digits_reference
+from dd.evaluation.sample_sets import SampleSetError, load_sample_set, write_sample_set
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Tests of dd.flow: the per-token AR flow-matching map (paper Sec. 3.2, App. C).
+"""Tests of dd.method.flow: the per-token AR flow-matching map (paper Sec. 3.2, App. C).
 
 Figures (TV distances, agreement rates) are printed; run with ``-s`` to see them.
 """
@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from dd import flow
+from dd.method import flow
 
 N_DIST = 50_000
 
@@ -138,7 +138,7 @@ def test_endpoint_is_what_gets_snapped():
 def reference_flow_map(noise, p, codebook, steps=150, lam_range=(-11.5, 11.5)):
     """Classical RK4 in lambda = log(t / (1-t)) on u = x / t, du/dlambda = E[x1 | x_t] - u, float64.
 
-    Independent of dd.flow's solver and of its posterior code: the posterior here uses explicit
+    Independent of dd.method.flow's solver and of its posterior code: the posterior here uses explicit
     squared distances. Starts at t = sigmoid(-11.5) from the first-order exact x_t.
     """
     noise, p, codebook = noise.double(), p.double(), codebook.double()
@@ -206,7 +206,7 @@ def test_memory_stays_bounded_for_huge_broadcast_problem():
     # N x V x C = 8e3 x 16384 x 32 would be 17 GB; probs materialised would be 0.5 GB
     script = textwrap.dedent("""
         import torch
-        from dd import flow
+        from dd.method import flow
         torch.set_num_threads(2)
         def rss_mb():
             for line in open('/proc/self/status'):

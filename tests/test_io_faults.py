@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dd import io as dio
-from dd import pairs as P
 from test_pairs import spec_for
 from toy import ToyTeacher
+
+from dd import io as dio
+from dd.method import pairs as P
 
 
 def test_disk_full_during_an_atomic_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -55,7 +55,7 @@ RSS_SCRIPT = r"""
 import sys
 sys.path.insert(0, {tests!r})
 from toy import ToyTeacher
-from dd import pairs as P
+from dd.method import pairs as P
 from test_pairs import spec_for
 import torch
 t = ToyTeacher(step_sizes=(1024,), vocab=300, dim=8)  # 2 KiB of tokens per pair

@@ -2,18 +2,22 @@
 training losses and checkpoint loading."""
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 from conftest import golden_dir
 
-from dd import golden_llamagen
-from dd.golden import load_golden
-from dd.models.llamagen import (GPT, DDConfig, DDStudent, GPTConfig, LlamaGenTeacher, VQConfig, VQModel,
-                                _infer_gpt_config, _infer_vq_config, checkpoint, load_student, load_teacher,
-                                logits_to_probs, top_k_top_p_filter)
-from dd.student import final_predict, final_sequence, perturb
-from dd.teacher import SamplingConfig
+from dd.families.llamagen import golden as golden_llamagen
+from dd.families.llamagen.checkpoints import _infer_gpt_config, _infer_vq_config, load_student, load_teacher
+from dd.families.llamagen.gpt import GPT, GPTConfig, logits_to_probs, top_k_top_p_filter
+from dd.families.llamagen.student import DDConfig, DDStudent
+from dd.families.llamagen.teacher import LlamaGenTeacher
+from dd.families.llamagen.tokenizer import VQConfig, VQModel
+from dd.golden.cases import load_golden
+from dd.io import ArtefactError
+from dd.method.student import final_predict, final_sequence, perturb
+from dd.method.teacher import SamplingConfig
 
 # a tiny teacher: 16x16 images, 4x downsampling -> 4x4 grid = 16 tokens
 TINY_VQ = VQConfig(codebook_size=64, codebook_dim=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
@@ -254,13 +258,13 @@ def test_student_checkpoint_formats(teacher, tmp_path):
     x, labels, t = torch.randn(1, 16, 8), torch.tensor([3]), torch.tensor([4])
     ref = student.eval()(x, labels, t)
     # ours: self-describing
-    torch.save(checkpoint(student), tmp_path / "ours.pt")
+    torch.save({"model": student.state_dict(), "config": asdict(student.config)}, tmp_path / "ours.pt")
     # released format: weights under "ema" (what the DD scripts load with --ema), no config
     torch.save({"ema": student.state_dict(), "model": {}, "steps": 1}, tmp_path / "released.pt")
     for s in (load_student(tmp_path / "ours.pt"), load_student(tmp_path / "released.pt", config=student.config)):
         for a, b in zip(s(x, labels, t), ref):
             torch.testing.assert_close(a, b)
-    with pytest.raises(KeyError, match="lacks"):
+    with pytest.raises(ArtefactError, match=r"released\.pt: checkpoint lacks"):
         load_student(tmp_path / "released.pt", config=student.config, ema=False)  # "model" is empty
 
 
@@ -276,8 +280,8 @@ def test_load_teacher_from_release_style_files(teacher, tmp_path):
     x = images(1)
     assert torch.equal(loaded.encode(x), teacher.encode(x))
     # ours carry their config
-    torch.save(checkpoint(teacher.tokenizer), tmp_path / "vq_ours.pt")
-    torch.save(checkpoint(teacher.gpt), tmp_path / "gpt_ours.pt")
+    torch.save({"model": teacher.tokenizer.state_dict(), "config": asdict(teacher.tokenizer.config)}, tmp_path / "vq_ours.pt")
+    torch.save({"model": teacher.gpt.state_dict(), "config": asdict(teacher.gpt.config)}, tmp_path / "gpt_ours.pt")
     ours = load_teacher(tmp_path / "vq_ours.pt", tmp_path / "gpt_ours.pt")
     assert ours.gpt.config == TINY_GPT and ours.tokenizer.config == TINY_VQ
     # the tokenizer loads strictly (the usage buffer is required, as in the original)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from dd import pairs as P
 from toy import ToyTeacher
+
+from dd.method import pairs as P
 
 SAMPLING = {"cfg_scale": 2.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
 
@@ -84,7 +84,7 @@ SLOW_WRITER = r"""
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 from toy import ToyTeacher
-from dd import pairs as P
+from dd.method import pairs as P
 from test_pairs import spec_for
 t = ToyTeacher()
 real = P.flow_trajectory

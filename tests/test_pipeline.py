@@ -111,7 +111,7 @@ def test_tables_figures_and_report(run_a):
 
 def test_mlflow_has_one_run_per_job(run_a):
     pytest.importorskip("mlflow")
-    from dd.tracking_mlflow import MlflowStore
+    from dd.pipeline.mlflow_store import MlflowStore
 
     folder, _, _ = run_a
     store = MlflowStore(folder / "a" / "results" / "mlflow.db", "distilled-decoding")
@@ -147,6 +147,8 @@ def test_killed_snakemake_then_rerun_incomplete_gives_identical_shards(run_a):
     proc.wait()
     partial = sorted(p.name for p in pairs.glob("shard_*.bin.part"))
     print(f"\n[pipeline] SIGKILLed the snakemake process group with partial shards {partial}")
+    # the README's resume: clear the killed run's locks (its pid is gone), then rerun the incomplete jobs
+    subprocess.run([sys.executable, "-m", "dd", "clear-stale-locks", "--directory", str(workdir)], check=True)
     out = finish(snakemake(workdir, configfile, "pair_sets", "--rerun-incomplete"))
     print(f"\n[pipeline] rerun after SIGKILL: {out.count('Finished jobid')} jobs")
     for exp in ("tiny_var", "tiny_llamagen"):

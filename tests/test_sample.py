@@ -1,11 +1,17 @@
 import numpy as np
 import pytest
 import torch
-
-from dd.sample import (dd_sample, dd_teacher_sample, onestep_star_sample, onestep_star_table, skip_sample,
-                       teacher_sample)
-from dd.teacher import SamplingConfig
 from toy import ToyStudent, ToyTeacher
+
+from dd.method.sample import (
+    dd_sample,
+    dd_teacher_sample,
+    onestep_star_sample,
+    onestep_star_table,
+    skip_sample,
+    teacher_sample,
+)
+from dd.method.teacher import SamplingConfig
 
 
 def test_onestep_star_on_the_papers_toy_set_gives_all_four_combinations_uniformly():
@@ -59,7 +65,7 @@ def test_teacher_and_skip_baselines_step_counts():
 
 def _reference_dd_step(student, teacher, x, noise, labels, step, split_step):
     """DD's sampling step as the original code does it: every output, Eq. 6 (final_predict), then the split."""
-    from dd.student import final_predict, final_sequence, perturb
+    from dd.method.student import final_predict, final_sequence, perturb
     B = x.shape[0]
     begin = torch.full((B,), teacher.step_begin(step - 1), dtype=torch.long)
     x_t = perturb(x, noise, begin)
@@ -73,8 +79,9 @@ def test_dd_step_computes_only_the_outputs_it_uses_and_matches_the_full_computat
     # dd_step asks the student for the logits before the split and the embeddings after it only
     # (rows=...); the sequence must equal the original full-output computation, for steps whose first
     # token is before, at and after the split, and for the split at the first and the last step
-    from dd import bench, families
-    from dd.sample import dd_step
+    from dd import bench
+    from dd.families import loading as families
+    from dd.method.sample import dd_step
     b = bench.tiny_teacher(family, seed=0)
     teacher = b.teacher.eval().requires_grad_(False)
     student = families.student_from_teacher(teacher).eval().requires_grad_(False)
@@ -94,13 +101,14 @@ def test_dd_step_computes_only_the_outputs_it_uses_and_matches_the_full_computat
             torch.testing.assert_close(got, want, msg=f"step {step}, split step {split_step}")
             assert got.shape == (3, n, C)
         # the part before the split really is codebook rows
-        from dd.student import nearest_code
+        from dd.method.student import nearest_code
         head = x[:, :teacher.step_begin(split_step - 1)]
         assert torch.equal(teacher.codebook[nearest_code(head, teacher.codebook)], head)
 
 
 def test_rows_select_the_same_outputs_as_the_full_forward():
-    from dd import bench, families
+    from dd import bench
+    from dd.families import loading as families
     for family in ("llamagen", "var"):
         teacher = bench.tiny_teacher(family, seed=1).teacher.eval()
         student = families.student_from_teacher(teacher).eval().requires_grad_(False)
@@ -115,7 +123,7 @@ def test_rows_select_the_same_outputs_as_the_full_forward():
 
 
 def test_nearest_code_matmul_agrees_with_the_difference_form():
-    from dd.student import nearest_code, nearest_code_matmul
+    from dd.method.student import nearest_code, nearest_code_matmul
     g = torch.Generator().manual_seed(5)
     book = torch.randn(300, 8, generator=g)
     x = torch.randn(4, 50, 8, generator=g)

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-from dd.tracking_mlflow import MlflowStore  # noqa: E402
+from dd.pipeline.mlflow_store import MlflowStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = 4

@@ -6,12 +6,15 @@ import pytest
 import torch
 from conftest import golden_dir
 
-from dd.golden import load_golden
-from dd.models.var import (VAR, VQVAE, VARConfig, VARStudent, VARTeacher, VQVAEConfig, cfg_strength,
-                           filter_logits, load_student, load_teacher, phi_index)
-from dd.student import final_predict, perturb
-from dd.teacher import SamplingConfig
-
+from dd.families.var.checkpoints import load_student, load_teacher
+from dd.families.var.student import VARStudent
+from dd.families.var.teacher import VARTeacher
+from dd.families.var.transformer import VAR, VARConfig, cfg_strength, filter_logits
+from dd.families.var.vqvae import VQVAE, VQVAEConfig, phi_index
+from dd.golden.cases import load_golden
+from dd.io import ArtefactError
+from dd.method.student import final_predict, perturb
+from dd.method.teacher import SamplingConfig
 
 # --------------------------------------------------------------------------------------------------
 # a tiny teacher (16x16 images, 4 scales) with weights randomised enough to make every path matter
@@ -65,7 +68,7 @@ def tf_guided_logits(teacher: VARTeacher, labels, idx, cfg_scale: float) -> torc
 # golden files and release manifests
 # --------------------------------------------------------------------------------------------------
 def test_every_golden_file_verifies():
-    from dd import golden_var
+    from dd.families.var import golden as golden_var
 
     folder = golden_dir("var")
     files = sorted(folder.glob("*.pt"))
@@ -79,7 +82,7 @@ def test_every_golden_file_verifies():
 
 
 def test_release_manifests_match_state_dict_keys_shapes_dtypes():
-    from dd.golden_var import model_from_manifest
+    from dd.families.var.golden import model_from_manifest
 
     manifests = sorted(golden_dir("var").glob("manifest_*.json"))
     assert manifests
@@ -94,7 +97,7 @@ def test_release_manifests_match_state_dict_keys_shapes_dtypes():
 
 
 def test_golden_detect_ignores_foreign_blobs():
-    from dd.golden_var import detect
+    from dd.families.var.golden import detect
 
     assert detect({"config": {"codebook_size": 16}, "inputs": {}, "outputs": {}}) is None
 
@@ -254,10 +257,14 @@ def test_student_checkpoint_formats(teacher, tmp_path):
     with torch.no_grad():
         want = student(x, labels, t)
         for name in ("dd.pth", "distill.pt"):
-            loaded, missing, unexpected = load_student(tmp_path / name, config=student.cfg)
-            assert missing == [] and unexpected == []
+            loaded = load_student(tmp_path / name, config=student.cfg)
             got = loaded(x, labels, t)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # a file that lacks one of the student's weights would leave that layer random: refused, naming the key
+    lacking = {k: v for k, v in released.items() if k != "head.weight"}
+    torch.save({"trainer": {"ema_parameters": lacking}}, tmp_path / "lacking.pth")
+    with pytest.raises(ArtefactError, match=r"lacking\.pth: checkpoint lacks 1 keys.*head\.weight"):
+        load_student(tmp_path / "lacking.pth", config=student.cfg)
 
 
 # --------------------------------------------------------------------------------------------------

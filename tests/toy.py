@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd.teacher import ARState, SamplingConfig, Teacher
+from dd.method.teacher import ARState, SamplingConfig, Teacher
 
 
 class ToyTeacher(Teacher):
@@ -29,6 +29,7 @@ class ToyTeacher(Teacher):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.8)
         self.forward_calls = 0
 
+    ar = property(lambda self: self)
     step_sizes = property(lambda self: self._step_sizes)
     codebook = property(lambda self: self._codebook)
     num_classes = property(lambda self: self._classes)

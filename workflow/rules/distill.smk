@@ -17,13 +17,14 @@ def distill_inputs(wildcards):
     if run.eval_every:
         inputs.update(reference=p.reference, classifier=p.feature_weights)
     if d["emb_loss"] == "lpips" and d["lpips_backbone_url"]:
-        inputs["lpips_backbone"] = ddconfig.download_path(d["lpips_backbone_url"])
+        inputs["lpips_backbone"] = download_path(d["lpips_backbone_url"])
     return inputs
 
 
 def distill_options(wildcards, input):
     run, d = distill_run(wildcards), exp_config(wildcards)["distill"]
-    opts = [f"--timesteps {' '.join(map(str, run.timesteps))}", f"--batch-size {d['batch_size']}",
+    opts = [f"--num-shards {len(run.shards)}", f"--timesteps {' '.join(map(str, run.timesteps))}",
+            f"--batch-size {d['batch_size']}",
             f"--lr {d['lr']}", "--lr-per-256" if d["lr_per_256"] else "--fixed-lr",
             f"--max-steps {run.max_steps}" if run.max_steps is not None else f"--epochs {run.epochs}",
             f"--ema-decay {d['ema_decay']}", f"--emb-loss {d['emb_loss']}", f"--ce-weight {d['ce_weight']}",
@@ -64,7 +65,7 @@ rule distill:
         mem_mb=stage_resource("distill", "mem_mb"),
         runtime=stage_resource("distill", "runtime"),
     shell:
-        "{params.launcher} distill {params.teacher} --pairs {input.shards} --out {params.dir} {params.options}"
+        "{params.launcher} distill {params.teacher} --pairs {input.index} --out {params.dir} {params.options}"
         " --metrics-jsonl {params.dir}/train_metrics.jsonl > {log} 2>&1"
         " && cp {params.dir}/train_metrics.jsonl {output.metrics}"
 
@@ -76,18 +77,7 @@ rule track_distill:
     output:
         "results/{experiment}/mlflow/distill-{run}.json",
     params:
-        spec=lambda wc, input: json.dumps({"runs": [{
-            "job": f"distill/{wc.run}",
-            "tags": {"stage": "distill", "family": P(wc).family, "teacher": P(wc).teacher_label,
-                     "timesteps": " ".join(map(str, distill_run(wc).timesteps)),
-                     "ablation": distill_run(wc).ablation or "main"},
-            "params": {**exp_config(wc)["distill"], "timesteps": distill_run(wc).timesteps,
-                       "max_steps": distill_run(wc).max_steps, "epochs": distill_run(wc).epochs,
-                       "eval_every": distill_run(wc).eval_every, "num_pairs": distill_run(wc).pairs,
-                       "num_shards": len(distill_run(wc).shards)},
-            "metrics_jsonl": input.metrics,
-            "benchmark": f"results/{wc.experiment}/benchmarks/distill/{wc.run}.tsv"}]}),
-        track=lambda wc: track_cmd("runs", wc),
+        track=lambda wc: track_cmd("distill", wc) + f" --run {wc.run}",
     log:
         "results/{experiment}/logs/mlflow/distill-{run}.log",
     benchmark:
@@ -97,4 +87,4 @@ rule track_distill:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.track} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "{params.track} --out {output} > {log} 2>&1"

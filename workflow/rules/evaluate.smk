@@ -47,10 +47,6 @@ rule evaluate:
         " {params.options} {params.vs_teacher} --out {output} > {log} 2>&1"
 
 
-def set_names(wildcards):
-    return list(P(wildcards).sets)
-
-
 def vs_teacher_sets(wildcards):
     if not exp_config(wildcards)["evaluation"]["vs_teacher"]:
         return []
@@ -63,22 +59,6 @@ def track_samples_inputs(wildcards):
             "metrics": [p.out("metrics", f"{s}.json") for s in p.sets]}
 
 
-def track_samples_spec(wildcards):
-    p = P(wildcards)
-    runs = []
-    for name, s in p.sets.items():
-        metrics = {"": p.out("metrics", f"{name}.json"), "sample": p.out("samples", f"{name}.json")}
-        runs.append({"job": f"sample/{name}",
-                     "tags": {"stage": "sample", "family": p.family, "teacher": p.teacher_label, "method": s.method,
-                              "set": name},
-                     "tags_from": {"steps": [p.out("samples", f"{name}.json"), "steps"]},
-                     "params_json": [p.out("samples", f"{name}.json")],
-                     "metrics_json": metrics,
-                     "benchmark": p.out("benchmarks", "samples", f"{name}.tsv"),
-                     "artifacts": [[p.out("samples", f"{name}.png"), "grids"]]})
-    return json.dumps({"runs": runs})
-
-
 rule track_samples:
     """MLflow: a child run per sample set with its metrics, timing and sample grid."""
     input:
@@ -86,8 +66,7 @@ rule track_samples:
     output:
         "results/{experiment}/mlflow/samples.json",
     params:
-        spec=track_samples_spec,
-        track=lambda wc: track_cmd("runs", wc),
+        track=lambda wc: track_cmd("samples", wc),
     log:
         "results/{experiment}/logs/mlflow/samples.log",
     benchmark:
@@ -97,4 +76,4 @@ rule track_samples:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.track} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "{params.track} --out {output} > {log} 2>&1"

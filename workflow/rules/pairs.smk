@@ -73,5 +73,4 @@ rule track_shards:
         mem_mb=1000,
         runtime=60,
     shell:
-        "{params.track} --index {input} --benchmarks results/{wildcards.experiment}/benchmarks/pairs"
-        " --out {output} > {log} 2>&1"
+        "{params.track} --out {output} > {log} 2>&1"

@@ -4,13 +4,9 @@
 localrules: track_report
 
 
-def table_inputs(wildcards):
-    return {**track_samples_inputs(wildcards)}
-
-
 rule tables:
     input:
-        unpack(table_inputs),
+        unpack(track_samples_inputs),
     output:
         table1=report("results/{experiment}/tables/table1.csv", caption="../report/table1.rst",
                       category="Tables", subcategory="{experiment}"),
@@ -115,8 +111,8 @@ rule fig7_pair_set_sizes:
 
 def track_report_inputs(wildcards):
     p = P(wildcards)
-    inputs = {"tables": [p.out("tables", f"table{i}.{ext}") for i in (1, 2) for ext in ("csv", "md")],
-              "figures": [p.out("figures", "fig1_fid_vs_time.png")] + ablation_targets(wildcards.experiment),
+    tables, figures = report_files(p)
+    inputs = {"tables": tables, "figures": figures,
               "runs": [p.out("mlflow", "samples.json")] + [p.out("mlflow", f"distill-{r}.json") for r in p.runs]}
     if p.shards:
         inputs["runs"].append(p.out("mlflow", "pairs.json"))
@@ -133,10 +129,6 @@ rule track_report:
         "results/{experiment}/mlflow/report.json",
     params:
         track=lambda wc: track_cmd("parent", wc),
-        config=lambda wc: json.dumps(exp_config(wc)),
-        artifacts=lambda wc, input: " ".join(f"--artifact {f}:tables" for f in input.tables)
-        + " " + " ".join(f"--artifact {f}:figures" for f in input.figures),
-        tags=lambda wc: f"--tag family={P(wc).family} --tag teacher={P(wc).teacher_label}",
     log:
         "results/{experiment}/logs/mlflow/report.log",
     benchmark:
@@ -146,4 +138,4 @@ rule track_report:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.track} --params {params.config:q} {params.tags} {params.artifacts} --out {output} > {log} 2>&1"
+        "{params.track} --out {output} > {log} 2>&1"

@@ -30,7 +30,7 @@ def sample_options(wildcards, input):
     if "student" in input.keys():
         opts.append(f"--student {input.student}")
     if s.needs_pairs:
-        opts.append("--pairs " + " ".join(input.shards))
+        opts.append(f"--pairs {input.index}")
     return " ".join(opts)
 
 

@@ -109,13 +109,7 @@ rule track_teacher:
     output:
         "results/{experiment}/mlflow/teacher.json",
     params:
-        spec=lambda wc, input: json.dumps({"runs": [
-            {"job": f"teacher/{what}", "tags": {"stage": "teacher", "family": P(wc).family},
-             "params": {"config": tiny_config(wc)}, "metrics_json": {"": path},
-             "benchmark": f"results/{wc.experiment}/benchmarks/teacher/train_{what}.tsv",
-             "artifacts": [[path.replace(".json", ".png"), None]]}
-            for what, path in (("tokenizer", input.tokenizer), ("teacher", input.teacher))]}),
-        track=lambda wc: track_cmd("runs", wc),
+        track=lambda wc: track_cmd("teacher", wc),
     log:
         "results/{experiment}/logs/mlflow/teacher.log",
     benchmark:
@@ -125,4 +119,4 @@ rule track_teacher:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.track} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "{params.track} --out {output} > {log} 2>&1"

@@ -1,0 +1,93 @@
+"""The LlamaGen family adapter (``dd.families.base.Family``): raster-order tokens, one per AR step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dd.families.base import Family, Release, ReleasedStudent, ReleasedTeacher
+from dd.families.llamagen.gpt import GPT, GPTConfig, gpt_preset
+from dd.families.llamagen.student import DDConfig, DDStudent
+from dd.families.llamagen.teacher import LlamaGenTeacher
+from dd.families.llamagen.tokenizer import VQConfig, VQModel, vq_16
+
+_LLAMAGEN, _DD = "FoundationVision/LlamaGen", "microsoft/distilled_decoding"
+_GPT_NESTING = 'ckpt["model"] (original falls back to "module", then "state_dict"); loaded non-strictly'
+
+
+class LlamaGenFamily(Family):
+    name = "llamagen"
+    default_top_k, default_top_p = 0, 1.0        # LlamaGen's FID setting: no filtering
+    tokenizer_config, ar_config, student_config = VQConfig, GPTConfig, DDConfig
+    released_teachers = {f"llamagen_{s}": ReleasedTeacher(256, "llamagen_vq16", f"llamagen_{s}") for s in "bl"}
+    released_students = {f"dd_llamagen_{s}": ReleasedStudent(f"llamagen_{s}", (1, 81)) for s in "bl"}
+    releases = (
+        Release("llamagen_vq16", _LLAMAGEN, "vq_ds16_c2i.pt",
+                "LlamaGen VQ tokenizer, downsample 16, codebook 16384x8",
+                'ckpt["model"]; strict load, includes the unused buffer quantize.codebook_used'),
+        Release("llamagen_b", _LLAMAGEN, "c2i_B_256.pt", "LlamaGen GPT-B class-conditional teacher, ImageNet 256",
+                _GPT_NESTING),
+        Release("llamagen_l", _LLAMAGEN, "c2i_L_256.pt", "LlamaGen GPT-L class-conditional teacher, ImageNet 256",
+                _GPT_NESTING),
+        *(Release(f"dd_llamagen_{size.lower()}", _DD, f"LlamaGen-DD/llamagen-{size}.pt",
+                  f"DD student distilled from LlamaGen GPT-{size}",
+                  'ckpt["ema"] (all README commands pass --ema); loaded non-strictly; the codebook is not stored, '
+                  "it is the l2-normalised tokenizer codebook") for size in "BL"),
+    )
+    latency_target = 0.90
+    real_pair_steps = 32
+    real_codebook = {"codebook_size": 16384, "codebook_dim": 8}
+
+    # the token grid is the image size over the tokenizer's downsampling; the GPT's block_size is its area
+    @staticmethod
+    def grid(tokenizer: VQConfig, image_size: int) -> int:
+        return image_size // tokenizer.downsample_factor
+
+    def ar_fields(self, tokenizer: VQConfig, image_size: int | None = None) -> dict:
+        fields = {"vocab_size": tokenizer.codebook_size}
+        if image_size is not None:
+            fields["block_size"] = self.grid(tokenizer, image_size) ** 2
+        return fields
+
+    def steps_of(self, tokenizer: VQConfig, image_size: int) -> int:
+        return self.grid(tokenizer, image_size) ** 2
+
+    def build_tokenizer(self, config: VQConfig) -> VQModel:
+        return VQModel(config)
+
+    def build_ar(self, config: GPTConfig) -> GPT:
+        return GPT(config)
+
+    def make_teacher(self, tokenizer: VQModel, ar: GPT) -> LlamaGenTeacher:
+        return LlamaGenTeacher(tokenizer, ar)
+
+    def build_student(self, config: DDConfig) -> DDStudent:
+        return DDStudent(config)
+
+    def student_from_teacher(self, teacher: LlamaGenTeacher) -> DDStudent:
+        return DDStudent.from_teacher(teacher)
+
+    def real_size_teacher(self) -> tuple[str, LlamaGenTeacher]:
+        ar = GPT(gpt_preset("B"))
+        return "B", LlamaGenTeacher(VQModel(vq_16()), ar)
+
+    def load_released_teacher(self, tokenizer_path: Path, model_path: Path) -> LlamaGenTeacher:
+        from dd.families.llamagen.checkpoints import load_teacher
+
+        return load_teacher(tokenizer_path, model_path)
+
+    def load_released_student(self, path: Path, ema: bool = True) -> DDStudent:
+        from dd.families.llamagen.checkpoints import load_student
+
+        return load_student(path, ema=ema)
+
+    def golden_kind(self, blob: dict) -> str | None:
+        from dd.families.llamagen.golden import detect
+
+        return detect(blob)
+
+    def verify_golden(self, blob: dict, path: Path) -> list:
+        from dd.families.llamagen.golden import verify
+
+        return verify(blob, path)
+
+
+FAMILY = LlamaGenFamily()

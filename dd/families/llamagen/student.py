@@ -1,0 +1,124 @@
+"""The DD student on LlamaGen (``DDStudent``, configured by ``DDConfig``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from dd.families.llamagen.gpt import (
+    GPT,
+    GPTConfig,
+    LabelEmbedder,
+    _Backbone,
+    _init_linear_and_embedding,
+)
+from dd.families.llamagen.teacher import LlamaGenTeacher
+
+# =====================================================================================================
+# DD student
+# =====================================================================================================
+
+@dataclass
+class DDConfig(GPTConfig):
+    """GPT configuration of the DD student; its dropouts default to 0 and labels never drop."""
+
+    codebook_dim: int = 8
+    token_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.0
+    ffn_dropout_p: float = 0.0
+    class_dropout_prob: float = 0.0
+
+    @classmethod
+    def from_gpt(cls, gpt: GPTConfig, codebook_dim: int) -> "DDConfig":
+        d = asdict(gpt)
+        d.update(codebook_dim=codebook_dim, token_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0,
+                 ffn_dropout_p=0.0, drop_path_rate=0.0, class_dropout_prob=0.0)
+        return cls(**d)
+
+
+class FinalLayer(nn.Module):
+    """Embedding head: LayerNorm (no affine), modulated by the class embedding, then Linear.
+
+    shift = table[0] + class embedding and scale = table[1] + class embedding (no SiLU, no Linear).
+    """
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + cond).chunk(2, dim=1)  # each [B, 1, D]
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class DDStudent(_Backbone):
+    """DD student on LlamaGen (``DDTransformer`` of microsoft/distilled_decoding).
+
+    Input: [class token; Linear(x)] for continuous token vectors x [B, n, C], plus a learned
+    noise/data embedding at every position (the class token and tokens < t are data). Attention is
+    plain causal, so output i, computed at the position of input token i, sees its own noisy input.
+    """
+
+    def __init__(self, cfg: DDConfig):
+        super().__init__()
+        self.config = cfg
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, 0.0, null_row=True)
+        self.tok_embeddings = nn.Linear(cfg.codebook_dim, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
+        self._build_blocks(cfg)
+        self.final_layer_conti = FinalLayer(cfg.dim, cfg.codebook_dim)
+        self.n_d_embed = nn.Embedding(2, cfg.dim)
+        _init_linear_and_embedding(self, cfg.initializer_range)
+        nn.init.zeros_(self.output.weight)
+
+    @staticmethod
+    def noise_data_index(t: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """[B, 1 + n] index into n_d_embed: 1 (data) for sequence index <= t (class token and the
+        first t tokens), 0 (noise) after."""
+        pos = torch.arange(n_tokens + 1, device=t.device)
+        return (pos[None, :] <= t[:, None]).long()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
+                rows: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, n, C], labels [B], t [B] (AR step = number of given data tokens) ->
+        (logits [B, n, V] float, embeddings [B, n, C] float), raw head outputs at every token; with
+        ``rows`` = (logit_tokens, emb_tokens) only the logits and embeddings of those tokens."""
+        cond = self.cls_embedding(labels)                                    # [B, 1, D]
+        h = torch.cat([cond, self.tok_embeddings(x)], dim=1)
+        h = h + self.n_d_embed(self.noise_data_index(t.to(x.device).long(), x.shape[1]))
+        h = self.run_blocks(self.tok_dropout(h))
+        n_cls = self.config.cls_token_num
+        if rows is not None:
+            tokens = h[:, n_cls:]
+            return (self.output(self.norm(tokens[:, rows[0]])).float(),
+                    self.final_layer_conti(tokens[:, rows[1]], cond).float())
+        logits = self.output(self.norm(h)).float()
+        emb = self.final_layer_conti(h, cond).float()                        # on the un-normalised h
+        return logits[:, n_cls:], emb[:, n_cls:]
+
+    @classmethod
+    def from_teacher(cls, teacher: "GPT | LlamaGenTeacher", codebook_dim: int | None = None) -> "DDStudent":
+        """A student initialised from the teacher: class table, blocks, final norm and logits head are
+        copied; the token Linear, the embedding head and the noise/data embedding are new (N(0, 0.02),
+        zero biases; scale_shift_table N(0, 1/dim)), as in the DD code."""
+        if isinstance(teacher, LlamaGenTeacher):
+            codebook_dim = teacher.tokenizer.config.codebook_dim if codebook_dim is None else codebook_dim
+            teacher = teacher.gpt
+        if codebook_dim is None:
+            raise ValueError("codebook_dim is needed when the teacher is a bare GPT")
+        ref = next(teacher.parameters())
+        with torch.device(ref.device):
+            student = cls(DDConfig.from_gpt(teacher.config, codebook_dim)).to(ref.dtype)
+        with torch.no_grad():
+            src = teacher.cls_embedding.embedding_table.weight
+            student.cls_embedding.embedding_table.weight[: src.shape[0]].copy_(src)  # no null row: fresh
+            for dst, s in zip(student.layers.parameters(), teacher.layers.parameters()):
+                dst.copy_(s)
+            student.norm.weight.copy_(teacher.norm.weight)
+            student.output.weight.copy_(teacher.output.weight)
+        return student
+
+

@@ -1,0 +1,82 @@
+"""The VAR family adapter (``dd.families.base.Family``): next-scale prediction, one whole scale per AR step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dd.families.base import Family, Release, ReleasedStudent, ReleasedTeacher
+from dd.families.var.student import VARStudent, VARStudentConfig
+from dd.families.var.teacher import VARTeacher
+from dd.families.var.transformer import VAR, VARConfig
+from dd.families.var.vqvae import VQVAE, VQVAEConfig
+
+_VAR, _DD = "FoundationVision/var", "microsoft/distilled_decoding"
+
+
+class VARFamily(Family):
+    name = "var"
+    default_top_k, default_top_p = 900, 0.96     # VAR's FID setting
+    tokenizer_config, ar_config, student_config = VQVAEConfig, VARConfig, VARStudentConfig
+    released_teachers = {f"var_d{d}": ReleasedTeacher(10, "vae_var", f"var_d{d}") for d in (16, 20, 24)}
+    released_students = {f"dd_var_d{d}": ReleasedStudent(f"var_d{d}", (1, 6)) for d in (16, 20, 24)}
+    releases = (
+        Release("vae_var", _VAR, "vae_ch160v4096z32.pth", "VAR multi-scale VQVAE, codebook 4096x32",
+                "raw state dict; strict load"),
+        *(Release(f"var_d{d}", _VAR, f"var_d{d}.pth", f"VAR depth-{d} teacher, ImageNet 256",
+                  "raw state dict; strict load") for d in (16, 20, 24)),
+        *(Release(f"dd_var_d{d}", _DD, f"VAR-DD/var-d{d}.pth", f"DD student distilled from VAR-d{d}",
+                  'ckpt["trainer"]["ema_parameters"] (EMA, the default) or ckpt["trainer"]["var_wo_ddp"]; '
+                  "loaded non-strictly") for d in (16, 20, 24)),
+    )
+    latency_target = 0.70
+    real_pair_steps = 8
+    real_codebook = {"vocab_size": 4096, "z_channels": 32}
+
+    # the tokens are the tokenizer's scales (patch_nums); the image size follows from them
+    def ar_fields(self, tokenizer: VQVAEConfig, image_size: int | None = None) -> dict:
+        return {"vocab_size": tokenizer.vocab_size, "Cvae": tokenizer.z_channels,
+                "patch_nums": tuple(tokenizer.patch_nums)}
+
+    def steps_of(self, tokenizer: VQVAEConfig, image_size: int) -> int:
+        return len(tokenizer.patch_nums)
+
+    def build_tokenizer(self, config: VQVAEConfig) -> VQVAE:
+        return VQVAE(config)
+
+    def build_ar(self, config: VARConfig) -> VAR:
+        return VAR(config)
+
+    def make_teacher(self, tokenizer: VQVAE, ar: VAR) -> VARTeacher:
+        return VARTeacher(tokenizer, ar)
+
+    def build_student(self, config: VARStudentConfig) -> VARStudent:
+        return VARStudent(config)
+
+    def student_from_teacher(self, teacher: VARTeacher) -> VARStudent:
+        return VARStudent.from_teacher(teacher)
+
+    def real_size_teacher(self) -> tuple[str, VARTeacher]:
+        ar = VAR(VARConfig.from_depth(16))
+        return "d16", VARTeacher(VQVAE(VQVAEConfig()), ar)
+
+    def load_released_teacher(self, tokenizer_path: Path, model_path: Path) -> VARTeacher:
+        from dd.families.var.checkpoints import load_teacher
+
+        return load_teacher(tokenizer_path, model_path)
+
+    def load_released_student(self, path: Path, ema: bool = True) -> VARStudent:
+        from dd.families.var.checkpoints import load_student
+
+        return load_student(path, ema=ema)
+
+    def golden_kind(self, blob: dict) -> str | None:
+        from dd.families.var.golden import detect
+
+        return detect(blob)
+
+    def verify_golden(self, blob: dict, path: Path) -> list:
+        from dd.families.var.golden import verify
+
+        return verify(blob, path)
+
+
+FAMILY = VARFamily()

@@ -1,0 +1,249 @@
+"""Sampling: DD few-step (paper Alg. 3), teacher-involved DD (Alg. 4), the teacher, and the baselines.
+
+Timesteps here are AR *steps* in the paper's notation: 1 is the first step. Every sampler returns
+the final token embeddings [B, n, C] (continuous where the student's embedding head is used) and
+the number of network forward passes it spent per image.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from dd.method.student import assemble, nearest_code_matmul, output_rows, perturb
+from dd.method.teacher import SamplingConfig, Teacher
+
+
+@torch.no_grad()
+def dd_step(student: nn.Module, teacher: Teacher, x: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
+            step: int, split_step: int) -> torch.Tensor:
+    """One DD jump from step ``step``: re-noise positions from that step on, predict the whole sequence
+    (Eq. 6, then codes before ``split_step``, vectors after). Only the outputs that sequence uses are
+    computed (``output_rows``): LlamaGen-B's logits head over 16384 codes is ~12 % of a forward."""
+    B, n = x.shape[:2]
+    begin, split = teacher.step_begin(step - 1), teacher.step_begin(split_step - 1)
+    t = torch.full((B,), step - 1, device=x.device, dtype=torch.long)
+    # step 1: the input is the noise itself and nothing is given
+    x_t = noise if begin == 0 else perturb(x, noise, torch.full((B,), begin, device=x.device, dtype=torch.long))
+    logits, emb = student(x_t, labels, t, rows=output_rows(begin, split, n))
+    return assemble(logits, emb, x_t, begin, split, teacher.codebook)
+
+
+@torch.no_grad()
+def dd_sample(student, teacher: Teacher, labels, noise, steps: list[int], split_step: int) -> tuple[torch.Tensor, int]:
+    """Alg. 3 over the timestep path ``steps`` (a subset of the trained ones, starting at 1)."""
+    if not steps or steps[0] != 1:
+        raise ValueError(f"a DD timestep path must start at step 1, got {steps}")
+    x = noise
+    for step in steps:
+        x = dd_step(student, teacher, x, noise, labels, step, split_step)
+    return x, len(steps)
+
+
+@torch.no_grad()
+def dd_teacher_sample(student, teacher: Teacher, labels, noise, start: int, second: int, split_step: int,
+                      sampling: SamplingConfig, generator=None) -> tuple[torch.Tensor, int]:
+    """Alg. 4, the paper's "pre-trained-<start>-<second>": the DD first step, the teacher regenerates steps
+    start..second-1 (KV cache, one pass each, the kept prefix prefilled in the first of them), then the
+    DD step at ``second``. With start == 1 the first DD step is not needed and not run."""
+    if not 1 <= start < second <= teacher.n_steps:
+        raise ValueError(f"teacher-involved sampling needs 1 <= start < second <= {teacher.n_steps}, got {start}, {second}")
+    passes = 0
+    state = teacher.begin(labels, sampling)
+    if start > 1:
+        x = dd_step(student, teacher, noise, noise, labels, 1, split_step)
+        passes += 1
+        idx = nearest_code_matmul(x[:, :teacher.step_begin(start - 1)], teacher.codebook)
+        for b, e in teacher.step_bounds[: start - 1]:
+            teacher.append(state, idx[:, b:e])
+    for _ in range(start - 1, second - 1):
+        p = teacher.next_probs(state)
+        B, S, V = p.shape
+        teacher.append(state, torch.multinomial(p.reshape(B * S, V), 1, generator=generator).view(B, S))
+        passes += 1
+    prefix = teacher.embed(torch.cat(state.tokens, dim=1))
+    x = torch.cat([prefix, noise[:, prefix.shape[1]:]], dim=1)
+    x = dd_step(student, teacher, x, noise, labels, second, split_step)
+    return x, passes + 1
+
+
+@torch.no_grad()
+def teacher_sample(teacher: Teacher, labels, sampling: SamplingConfig, generator=None) -> tuple[torch.Tensor, int]:
+    idx = teacher.sample(labels, sampling, generator)
+    return teacher.embed(idx), teacher.n_steps
+
+
+@torch.no_grad()
+def skip_sample(teacher: Teacher, labels, skip: int, sampling: SamplingConfig, generator=None) -> tuple[torch.Tensor, int]:
+    """skip-n: run the teacher for all but its last ``skip`` steps; the skipped tokens contribute
+    nothing (``Teacher.decode_prefix``). Returns the prefix embeddings [B, k, C]."""
+    if not 0 < skip < teacher.n_steps:
+        raise ValueError(f"skip must be in 1..{teacher.n_steps - 1}, got {skip}")
+    idx = teacher.sample(labels, sampling, generator, n_steps=teacher.n_steps - skip)
+    return teacher.embed(idx), teacher.n_steps - skip
+
+
+def onestep_star_table(labels: np.ndarray, tokens: np.ndarray, num_classes: int, vocab_size: int) -> torch.Tensor:
+    """Prop. 3.1's optimum: per class and position, the empirical token frequencies of the pair set.
+    Returns [num_classes, n, V] probabilities (a class absent from the pairs falls back to all pairs)."""
+    n = tokens.shape[1]
+    counts = np.zeros((num_classes, n, vocab_size), dtype=np.float64)
+    for c in range(num_classes):
+        sel = tokens[labels == c]
+        for j in range(n):
+            counts[c, j] = np.bincount(sel[:, j], minlength=vocab_size)
+    overall = counts.sum(0, keepdims=True)
+    empty = counts.sum(-1, keepdims=True) == 0
+    counts = np.where(empty, overall, counts)
+    return torch.from_numpy(counts / counts.sum(-1, keepdims=True)).float()
+
+
+@torch.no_grad()
+def onestep_star_sample(table: torch.Tensor, labels: torch.Tensor, generator=None) -> tuple[torch.Tensor, int]:
+    """onestep*: every position drawn independently from its class-conditional frequencies. No network."""
+    p = table[labels.cpu()]                                   # [B, n, V]
+    B, n, V = p.shape
+    idx = torch.multinomial(p.reshape(B * n, V), 1, generator=generator).view(B, n)
+    return idx, 1  # one draw from the (idealised) one-step model of Prop. 3.1
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: python -m dd sample
+# --------------------------------------------------------------------------------------------------
+METHODS = ("teacher", "dd", "dd-teacher", "skip", "onestep")
+
+
+def add_arguments(parser) -> None:
+    from pathlib import Path
+
+    from dd.families.loading import add_teacher_arguments
+    from dd.method.settings import SampleSettings
+
+    d = SampleSettings()
+    add_teacher_arguments(parser)
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--num", type=int, required=True, help="images (labels cycle over the classes)")
+    parser.add_argument("--out", type=Path, required=True, help="sample set .npz (.png grid and .json beside it)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--cfg", type=float, default=d.cfg, help="teacher CFG scale (teacher, skip, dd-teacher)")
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--student", type=Path, help="student checkpoint (dd, dd-teacher)")
+    parser.add_argument("--released-student", action="store_true", help="--student is a released DD checkpoint")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1], help="DD timestep path, paper notation, from 1")
+    parser.add_argument("--split-step", type=int, default=None,
+                        help="steps before this use the logits head (default: the student's last trained timestep)")
+    parser.add_argument("--start", type=int, help="dd-teacher: first step the teacher regenerates (paper's n)")
+    parser.add_argument("--second", type=int, help="dd-teacher: the DD step after the teacher (paper's m)")
+    parser.add_argument("--skip", type=int, help="skip baseline: number of final AR steps skipped")
+    parser.add_argument("--pairs", type=Path, help="pair-set index (onestep* frequencies)")
+
+
+def _check_args(args) -> None:
+    def need(*names):
+        missing = [n for n in names if getattr(args, n.replace("-", "_")) is None]
+        if missing:
+            raise SystemExit(f"sample --method {args.method}: missing --{', --'.join(missing)}")
+
+    if args.num <= 0 or args.batch_size <= 0:
+        raise SystemExit("sample: --num and --batch-size must be positive")
+    if args.method in ("dd", "dd-teacher"):
+        need("student")
+    if args.method == "dd-teacher":
+        need("start", "second")
+    if args.method == "skip":
+        need("skip")
+    if args.method == "onestep":
+        need("pairs")
+
+
+def _n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def main(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from dd.evaluation.digits import save_grid_png
+    from dd.evaluation.sample_sets import write_sample_set
+    from dd.families.loading import load_student, teacher_from_args
+    from dd.families.registry import get_family
+    from dd.io import atomic_write_json
+    from dd.method.settings import timestep_problem
+
+    _check_args(args)
+    teacher, teacher_id = teacher_from_args(args)
+    device = teacher.codebook.device
+    over = {k: v for k, v in (("top_k", args.top_k), ("top_p", args.top_p)) if v is not None}
+    sampling = get_family(args.family).default_sampling(args.cfg, temperature=args.temperature, **over)
+    ar_params = _n_params(teacher) - _n_params(teacher.tokenizer)
+    student = split = table = None
+    if args.method in ("dd", "dd-teacher"):
+        student, trained = load_student(args.student, teacher, released=args.released_student,
+                                        teacher_id=None if args.released_student else teacher_id)
+        student = student.to(device)
+        split = args.split_step or (trained[-1] if trained else args.steps[-1])
+        if not 1 <= split <= teacher.n_steps:
+            raise SystemExit(f"sample: --split-step {split} outside the teacher's steps 1..{teacher.n_steps}")
+        problem = timestep_problem(args.steps, teacher.n_steps)
+        if problem:
+            raise SystemExit(f"sample: --steps {problem}")
+        if trained and not set(args.steps) <= set(trained):
+            raise SystemExit(f"sample: --steps {args.steps} are not all trained timesteps {trained}")
+    if args.method == "onestep":
+        from dd.method.pairs import PairSet
+
+        ps = PairSet.from_index(args.pairs, teacher, teacher_id)
+        recs = np.concatenate([np.asarray(r) for r in ps.records])
+        table = onestep_star_table(recs["label"], recs["tokens"].astype(np.int64), teacher.num_classes,
+                                   teacher.codebook.shape[0])
+    C = teacher.codebook.shape[1]
+
+    def run_batch(labels, g):
+        if args.method == "teacher":
+            emb, steps = teacher_sample(teacher, labels, sampling, g)
+            return teacher.decode_embeddings(emb), steps, ar_params
+        if args.method == "skip":
+            emb, steps = skip_sample(teacher, labels, args.skip, sampling, g)
+            return teacher.decode_prefix(emb), steps, ar_params
+        if args.method == "onestep":
+            idx, steps = onestep_star_sample(table, labels, g)
+            return teacher.decode_indices(idx.to(device)), steps, 0
+        noise = torch.randn(len(labels), teacher.n_tokens, C, generator=g).to(device)
+        if args.method == "dd":
+            x, steps = dd_sample(student, teacher, labels, noise, args.steps, split)
+            return teacher.decode_embeddings(x), steps, _n_params(student)
+        x, steps = dd_teacher_sample(student, teacher, labels, noise, args.start, args.second, split, sampling, g)
+        return teacher.decode_embeddings(x), steps, _n_params(student) + ar_params
+
+    all_labels = torch.arange(args.num) % teacher.num_classes
+    g = torch.Generator().manual_seed(args.seed)
+    run_batch(all_labels[: args.batch_size].to(device), torch.Generator().manual_seed(args.seed + 1))  # warm-up
+    images, elapsed = [], 0.0
+    for b in range(0, args.num, args.batch_size):
+        labels = all_labels[b: b + args.batch_size].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            img, steps, params = run_batch(labels, g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - t0
+        images.append(img.cpu())
+    images = torch.cat(images)
+    write_sample_set(args.out, images, all_labels)
+    save_grid_png(images, all_labels, Path(args.out).with_suffix(".png"), nrow=10)
+    meta = {"method": args.method, "steps": steps, "seconds_per_image": elapsed / args.num,
+            "batch_size": args.batch_size, "params": params, "num": args.num, "teacher_id": teacher_id,
+            "family": args.family, "seed": args.seed, "sampling": sampling.__dict__,
+            "dd_steps": args.steps if args.method == "dd" else None, "split_step": split,
+            "start": args.start, "second": args.second, "skip": args.skip, "device": str(device),
+            "threads": torch.get_num_threads()}
+    atomic_write_json(Path(args.out).with_suffix(".json"), meta)
+    print(json.dumps(meta))
+    return 0

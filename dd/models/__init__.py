@@ -1,1 +1,0 @@
-"""Model definitions, one file per family: LlamaGen (``llamagen.py``) and VAR (``var.py``)."""

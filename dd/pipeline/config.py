@@ -1,0 +1,396 @@
+"""Pipeline configuration: loading, validation with messages that name the key, and defaults.
+
+The Snakefile hands its ``config`` to ``check_config`` (once, at parse time); tests and tools call
+``load_config(path)``. Both
+
+1. check the config against ``workflow/schemas/config.schema.yaml`` (types and ranges of every value) and
+   report *all* violations at once, each naming the key (``experiments.tiny_var.pairs.num_pairs``) and what is
+   allowed there;
+2. fill in the defaults: a key of the ``pairs`` / ``distill`` / ``sample`` / ``evaluation`` sections that the
+   stage's settings dataclass has takes the dataclass default (``dd.method.settings``,
+   ``dd.evaluation.settings``: the same defaults the command line uses); every other key the schema's;
+3. check what a JSON schema cannot: names that must fit together (a released teacher of the stated family, a
+   released student of that teacher), timesteps that start at the first AR step and stay inside the teacher's
+   steps, shard counts that divide, sample sets that need a distilled timestep that does not exist, files that
+   must exist.
+
+``dd.pipeline.plan`` then turns one validated experiment into everything the rules need.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dd.evaluation.settings import EvaluationSettings
+from dd.families.base import ReleasedStudent, ReleasedTeacher
+from dd.families.loading import tiny_steps
+from dd.families.registry import FAMILIES, get_family
+from dd.io import ArtefactError
+from dd.method.settings import DistillConfig, PairSettings, SampleSettings, timestep_problem
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+
+# the settings dataclass of each experiment section: the source of its keys' defaults
+SECTION_SETTINGS = {"pairs": PairSettings, "distill": DistillConfig, "sample": SampleSettings,
+                    "evaluation": EvaluationSettings}
+# the training length is the user's choice: exactly one of them, no default (checked below)
+NO_DEFAULT = {("distill", "epochs"), ("distill", "max_steps")}
+
+
+class ConfigError(ValueError):
+    """One or more problems in a pipeline configuration; ``problems`` lists (key, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        lines = [f"  {key}: {message}" for key, message in problems]
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"invalid {source} ({len(problems)} {noun}):\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Released teachers and students: what the config may name, and what each name implies (each family lists its own)
+# ---------------------------------------------------------------------------------------------------------------
+def released_teachers() -> dict[str, tuple[str, ReleasedTeacher]]:
+    """Released teacher name -> (its family, what the family says of it)."""
+    return {name: (f.name, r) for f in FAMILIES.values() for name, r in f.released_teachers.items()}
+
+
+def released_students() -> dict[str, ReleasedStudent]:
+    return {name: r for f in FAMILIES.values() for name, r in f.released_students.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schema: friendly messages and defaults
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _allowed(error) -> str:
+    """What the schema allows at the failing key, in words."""
+    s = error.schema
+    v = error.validator
+    if v == "enum":
+        return f"allowed values: {', '.join(map(json.dumps, s['enum']))}"
+    if v == "type":
+        types = s["type"] if isinstance(s["type"], list) else [s["type"]]
+        rng = []
+        for bound, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+            if bound in s:
+                rng.append(f"{word} {s[bound]}")
+        extra = f" {' and '.join(rng)}" if rng else ""
+        if "enum" in s:
+            extra += f" (one of {', '.join(map(json.dumps, s['enum']))})"
+        return f"expected {' or '.join(types)}{extra}"
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        parts = []
+        for bound, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+            if bound in s:
+                parts.append(f"{word} {s[bound]}")
+        return f"allowed range: {' and '.join(parts)}"
+    if v == "additionalProperties" and "properties" in s:
+        return f"allowed keys: {', '.join(sorted(s['properties']))}"
+    if v == "required":
+        return f"required keys: {', '.join(s['required'])}"
+    if v == "pattern":
+        return f"must match the pattern {s['pattern']}"
+    if v in ("minItems", "maxItems", "minProperties", "uniqueItems", "minLength", "maxLength"):
+        return f"{v} = {s[v]}"
+    return ""
+
+
+def schema_problems(config: Any, schema: dict | None = None) -> list[tuple[str, str]]:
+    """Every schema violation of ``config`` as (key, message naming what is allowed)."""
+    import jsonschema
+
+    schema = schema or load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.message)):
+        path = list(error.absolute_path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict) and "properties" in error.schema:
+            for extra in sorted(set(error.instance) - set(error.schema["properties"])):
+                problems.append((_key(path + [extra]), f"unknown key; {_allowed(error)}"))
+            continue
+        if error.validator == "propertyNames":
+            problems.append((_key(path + [error.instance]), f"invalid name {error.instance!r}: "
+                             "letters, digits and _ starting with a letter, at most 64 characters"))
+            continue
+        allowed = _allowed(error)
+        problems.append((_key(path), error.message + (f"; {allowed}" if allowed else "")))
+    return problems
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        if not ref.startswith("#/"):
+            raise ValueError(f"only local $refs are supported, got {ref}")
+        node = root
+        for part in ref[2:].split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def fill_section_defaults(exp: dict, schema: dict) -> dict:
+    """Fill the keys of an experiment's sections that the schema declares without a default from the stage's
+    settings dataclass (in place)."""
+    for section, cls in SECTION_SETTINGS.items():
+        if section not in exp:
+            continue
+        declared = _resolve(schema["$defs"]["experiment"]["properties"][section], schema)["properties"]
+        for f in fields(cls):
+            if f.name in declared and f.name not in exp[section] and (section, f.name) not in NO_DEFAULT:
+                default = f.default_factory() if callable(f.default_factory) else f.default
+                exp[section][f.name] = list(default) if isinstance(default, tuple) else default
+    return exp
+
+
+def fill_defaults(instance: Any, schema: dict, root: dict | None = None) -> Any:
+    """Fill missing keys with the schema's ``default`` values, recursively (in place; returns ``instance``)."""
+    root = root or schema
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict):
+        return instance
+    props = schema.get("properties", {})
+    for key, sub in props.items():
+        sub = _resolve(sub, root)
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            fill_defaults(instance[key], sub, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in props:
+                fill_defaults(value, extra, root)
+    return instance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Semantic checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_path(path: str | Path, base_dir: Path | None = None) -> Path:
+    """A config path: absolute as given; relative to the working directory if it exists there, else to the repo."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return Path(base_dir or REPO) / p
+
+
+def _check_timesteps(key: str, timesteps: list, steps: int, problems: list) -> bool:
+    problem = timestep_problem(timesteps, steps)
+    if problem:
+        problems.append((key, problem))
+    return problem is None
+
+
+def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> list[tuple[str, str]]:
+    """Checks of one (schema-valid, defaults-filled) experiment that the schema cannot express."""
+    problems: list[tuple[str, str]] = []
+    k = f"experiments.{name}"
+    teacher = exp["teacher"]
+    family, tname = teacher["family"], teacher["name"]
+    steps = None
+
+    if tname == "tiny":
+        if "tiny_config" not in teacher:
+            problems.append((f"{k}.teacher.tiny_config", "required when teacher.name is tiny "
+                             "(e.g. config/tiny/var.yaml)"))
+        else:
+            path = resolve_path(teacher["tiny_config"], base_dir)
+            if not path.is_file():
+                problems.append((f"{k}.teacher.tiny_config", f"file not found: {teacher['tiny_config']}"))
+            else:
+                try:
+                    tiny = yaml.safe_load(path.read_text())
+                    if tiny.get("family") != family:
+                        problems.append((f"{k}.teacher.tiny_config", f"{teacher['tiny_config']} describes a "
+                                         f"{tiny.get('family')!r} teacher but teacher.family is {family!r}"))
+                    steps = tiny_steps(tiny)
+                except (yaml.YAMLError, KeyError, TypeError, AttributeError, ArtefactError) as e:
+                    problems.append((f"{k}.teacher.tiny_config", f"{teacher['tiny_config']} is not a tiny teacher "
+                                     f"config ({type(e).__name__}: {e})"))
+        if "released_student" in teacher:
+            problems.append((f"{k}.teacher.released_student", "only released teachers have released DD students; "
+                             "remove it or name a released teacher"))
+    else:
+        released_family, released = released_teachers()[tname]
+        steps = released.steps
+        if released_family != family:
+            problems.append((f"{k}.teacher.name", f"{tname!r} is a {released_family} teacher but teacher.family is "
+                             f"{family!r}; {family} teachers: " + ", ".join(get_family(family).released_teachers)))
+        if "tiny_config" in teacher:
+            problems.append((f"{k}.teacher.tiny_config", f"only for teacher.name tiny, not {tname!r}"))
+        if "released_student" in teacher:
+            student = released_students()[teacher["released_student"]]
+            student_teacher, student_steps = student.teacher, list(student.timesteps)
+            if student_teacher != tname:
+                problems.append((f"{k}.teacher.released_student", f"{teacher['released_student']!r} was distilled "
+                                 f"from {student_teacher!r}, not from {tname!r}"))
+            elif "distill" in exp and exp["distill"]["timesteps"] != student_steps:
+                problems.append((f"{k}.distill.timesteps", f"{exp['distill']['timesteps']} differs from the "
+                                 f"timesteps {student_steps} that {teacher['released_student']} was distilled with"))
+
+    released_student = teacher.get("released_student")
+    sample = exp["sample"]
+    for section in ("pairs", "distill"):
+        needed = released_student is None or (section == "pairs" and sample["onestep"])
+        if needed and section not in exp:
+            why = "onestep* is computed from the pairs" if released_student else "the student is distilled"
+            problems.append((f"{k}.{section}", f"missing section: required because {why}"))
+    if problems:
+        return problems
+
+    # pairs: equal shards
+    if "pairs" in exp:
+        pairs = exp["pairs"]
+        if pairs["num_pairs"] % pairs["shard_size"]:
+            problems.append((f"{k}.pairs.num_pairs", f"{pairs['num_pairs']} pairs do not split into shards of "
+                             f"{pairs['shard_size']} (pairs.shard_size): the shard count must be whole; use a "
+                             f"multiple of {pairs['shard_size']}"))
+
+    # distillation
+    distill = exp.get("distill")
+    if distill is None:  # a released student: its own timesteps
+        ts = list(released_students()[released_student].timesteps)
+        ts_ok = True
+    else:
+        ts = distill["timesteps"]
+        ts_ok = steps is not None and _check_timesteps(f"{k}.distill.timesteps", ts, steps, problems)
+        if released_student is None and (distill["epochs"] is None) == (distill["max_steps"] is None):
+            problems.append((f"{k}.distill", "set exactly one of epochs and max_steps (the training length)"))
+        if distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"] is None and tname != "tiny":
+            problems.append((f"{k}.distill.lpips_backbone_url", "LPIPS on a released teacher needs the backbone "
+                             "weights: give their pinned https URL (or use emb_loss: mse)"))
+
+    # sample sets
+    if steps is not None:
+        for i, n in enumerate(sample["skip"]):
+            if n >= steps:
+                problems.append((f"{k}.sample.skip[{i}]", f"skip-{n} leaves no step of the teacher's {steps}; "
+                                 f"allowed: 1 to {steps - 1}"))
+    for i, n in enumerate(sample["dd_steps"]):
+        if n > len(ts):
+            problems.append((f"{k}.sample.dd_steps[{i}]", f"a {n}-step DD set needs {n} distilled timesteps, "
+                             f"distill.timesteps has {len(ts)}; allowed: 1 to {len(ts)}"))
+    if sample["dd_teacher_starts"]:
+        if len(ts) < 2:
+            problems.append((f"{k}.sample.dd_teacher_starts", "teacher-involved sets (pre-trained-n-m) need a "
+                             "second distilled timestep m; distill.timesteps has one"))
+        elif ts_ok:
+            for i, n in enumerate(sample["dd_teacher_starts"]):
+                if not 1 <= n < ts[1]:
+                    problems.append((f"{k}.sample.dd_teacher_starts[{i}]", f"pre-trained-{n}-{ts[1]} must start "
+                                     f"before the second timestep {ts[1]}; allowed: 1 to {ts[1] - 1}"))
+    if not sample["teacher"] and exp["evaluation"]["vs_teacher"]:
+        problems.append((f"{k}.evaluation.vs_teacher", "FID against the teacher's samples needs sample.teacher: true"))
+    if not sample["teacher"] and (sample["skip"] or sample["dd_teacher_starts"]):
+        problems.append((f"{k}.sample.teacher", "the speedup columns need the teacher row: set sample.teacher: true"))
+
+    # evaluation
+    ev = exp["evaluation"]
+    if ev["reference"] == "digits":
+        if tname != "tiny":
+            problems.append((f"{k}.evaluation.reference", f"digits is the reference of tiny teachers; {tname} "
+                             "generates ImageNet images: use fid_imagenet256"))
+        if ev["feature_extractor"] != "digits-classifier":
+            problems.append((f"{k}.evaluation.feature_extractor", "the digits reference is measured with the "
+                             "digits-classifier"))
+    else:
+        if tname == "tiny":
+            problems.append((f"{k}.evaluation.reference", "a tiny teacher generates digits: use reference digits"))
+        if ev["feature_extractor"] != "inception-v3-compat":
+            problems.append((f"{k}.evaluation.feature_extractor", "fid_imagenet256 holds Inception statistics: "
+                             "use inception-v3-compat"))
+        if ev["feature_weights_url"] is None:
+            problems.append((f"{k}.evaluation.feature_weights_url", "inception-v3-compat needs its weights: give "
+                             "their pinned https URL (nothing is downloaded at run time)"))
+    for what in ("isc_splits",):
+        if sample["num"] < ev[what]:
+            problems.append((f"{k}.sample.num", f"{sample['num']} samples cannot be split into "
+                             f"evaluation.{what} = {ev[what]} parts"))
+
+    # ablations
+    ab = exp["ablations"]
+    seen = {tuple(ts)}
+    for i, abl in enumerate(ab["timesteps"]):
+        key = f"{k}.ablations.timesteps[{i}]"
+        if steps is not None and _check_timesteps(key, abl, steps, problems):
+            if tuple(abl) in seen:
+                problems.append((key, f"{abl} is already distilled (distill.timesteps or an earlier entry)"))
+            seen.add(tuple(abl))
+    for i, size in enumerate(ab["pair_set_sizes"]):
+        key = f"{k}.ablations.pair_set_sizes[{i}]"
+        pairs = exp.get("pairs", {"shard_size": 1, "num_pairs": 0})
+        if size % pairs["shard_size"] or size >= pairs["num_pairs"]:
+            problems.append((key, f"{size} pairs: must be a multiple of pairs.shard_size ({pairs['shard_size']}) "
+                             f"and smaller than pairs.num_pairs ({pairs['num_pairs']}), the main run's set"))
+    if (ab["timesteps"] or ab["pair_set_sizes"]) and "released_student" in teacher:
+        problems.append((f"{k}.ablations", "ablations distil students; a released_student experiment skips "
+                         "distillation"))
+    # the periodic FID during distillation is measured with the digits classifier
+    if ev["reference"] != "digits":
+        if distill is not None and distill["eval_every"]:
+            problems.append((f"{k}.distill.eval_every", "periodic FID during distillation uses the digits classifier; "
+                             "with reference fid_imagenet256 set it to 0"))
+        if ab["timesteps"] or ab["pair_set_sizes"]:
+            problems.append((f"{k}.ablations", "the ablation curves (Fig. 6/7) come from the periodic FID, which "
+                             "needs reference digits; leave timesteps and pair_set_sizes empty"))
+    return problems
+
+
+def config_problems(config: dict, base_dir: Path | None = None) -> list[tuple[str, str]]:
+    problems = []
+    gpus = 0
+    for name, exp in config["experiments"].items():
+        problems += experiment_problems(name, exp, base_dir)
+        for stage, res in exp.get("resources", {}).items():
+            gpus = max(gpus, res.get("gpu", 0))
+            if res.get("gpu", 0) > 0 and config["device"] != "cuda":
+                problems.append((f"experiments.{name}.resources.{stage}.gpu", f"{res['gpu']} GPUs requested but "
+                                 f"device is {config['device']!r}; set device: cuda or gpu: 0"))
+    return problems
+
+
+def check_config(config: dict, base_dir: Path | None = None, source: str = "config") -> dict:
+    """Validate (schema, then semantics) and return a defaults-filled copy; raise ``ConfigError`` listing all
+    problems, each with the key it concerns."""
+    schema = load_schema()
+    problems = schema_problems(config, schema)
+    if problems:
+        raise ConfigError(problems, source)
+    filled = fill_defaults(copy.deepcopy(config), schema)
+    for exp in filled["experiments"].values():
+        fill_section_defaults(exp, schema)
+    problems = config_problems(filled, base_dir)
+    if problems:
+        raise ConfigError(problems, source)
+    return filled
+
+
+def load_config(path: str | Path, base_dir: Path | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([("(file)", f"{path} not found")], str(path))
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([("(file)", f"not valid YAML: {e}")], str(path)) from None
+    return check_config(config if config is not None else {}, base_dir, source=str(path))

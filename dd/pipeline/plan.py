@@ -1,0 +1,148 @@
+"""The experiment plan: everything the rules of one validated experiment need.
+
+``plan(name, experiment)`` turns a checked experiment (``dd.pipeline.config``) into the teacher files, shard names,
+distillation runs (main + ablations) and sample sets with their ``dd sample`` arguments. Output paths follow one
+layout, ``results/<experiment>/...``; downloads go to ``resources/checkpoints/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dd.families.loading import tiny_steps
+from dd.pipeline.config import released_students, released_teachers, resolve_path
+
+CHECKPOINTS = "resources/checkpoints"
+DIGITS_DIR = "results/digits"
+
+
+@dataclass
+class SampleSet:
+    name: str  # file stem under results/<experiment>/samples/
+    method: str  # dd sample --method
+    args: list[str]  # extra dd sample arguments
+    student_run: str | None = None  # distillation run whose student it needs
+    needs_pairs: bool = False  # onestep*: the pair shards
+    tables: tuple[int, ...] = (1,)
+
+
+@dataclass
+class DistillRun:
+    name: str  # folder under results/<experiment>/distill/
+    timesteps: list[int]
+    shards: list[str]
+    max_steps: int | None
+    epochs: float | None
+    eval_every: int
+    ablation: str | None = None  # "timesteps" (Fig. 6) / "pairs" (Fig. 7) / None (the main run)
+    pairs: int = 0
+
+
+@dataclass
+class Plan:
+    name: str
+    family: str
+    teacher_name: str  # tiny or a released name
+    teacher_label: str  # the tables' teacher column
+    steps: int  # the teacher's AR steps
+    image_size: int
+    tokenizer: str
+    model: str
+    released: bool
+    student_file: str | None  # released DD student, else None
+    shards: list[str]
+    runs: dict[str, DistillRun]
+    sets: dict[str, SampleSet]
+    reference: str
+    feature_weights: str
+    downloads: dict[str, str] = field(default_factory=dict)  # file under resources/checkpoints -> registry name/URL
+
+    def out(self, *parts: str) -> str:
+        return "/".join(("results", self.name) + parts)
+
+
+def download_path(name_or_url: str) -> str:
+    from dd.pipeline.download import resolve
+
+    return f"{CHECKPOINTS}/{resolve(name_or_url).filename}"
+
+
+def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
+    """Everything the rules of one (validated) experiment need."""
+    teacher = exp["teacher"]
+    family, tname = teacher["family"], teacher["name"]
+    downloads: dict[str, str] = {}
+
+    def fetch(name_or_url: str) -> str:
+        path = download_path(name_or_url)
+        downloads[path] = name_or_url
+        return path
+
+    if tname == "tiny":
+        tiny_path = resolve_path(teacher["tiny_config"], base_dir)
+        tiny = yaml.safe_load(tiny_path.read_text())
+        steps, image_size = tiny_steps(tiny), tiny["image_size"]
+        tokenizer, model = f"results/{name}/teacher/tokenizer.pt", f"results/{name}/teacher/ar.pt"
+        label = f"{family}-tiny"
+    else:
+        _, released = released_teachers()[tname]
+        steps, image_size = released.steps, 256
+        tokenizer, model = fetch(released.tokenizer), fetch(released.model)
+        label = tname
+    student_file = fetch(teacher["released_student"]) if "released_student" in teacher else None
+
+    sample = exp["sample"]
+    shards: list[str] = []
+    if student_file is None or sample["onestep"]:  # only these need pairs
+        pairs = exp["pairs"]
+        n_shards = pairs["num_pairs"] // pairs["shard_size"]
+        shards = [f"results/{name}/pairs/shard_{i:05d}.bin" for i in range(n_shards)]
+
+    distill = exp.get("distill")
+    ts = list(distill["timesteps"] if distill else released_students()[teacher["released_student"]].timesteps)
+    runs: dict[str, DistillRun] = {}
+    if student_file is None:
+        runs["main"] = DistillRun("main", ts, shards, distill["max_steps"], distill["epochs"], distill["eval_every"],
+                                  pairs=pairs["num_pairs"])
+        ab = exp["ablations"]
+        for abl in ab["timesteps"]:
+            run = "timesteps-" + "-".join(map(str, abl))
+            runs[run] = DistillRun(run, list(abl), shards, ab["max_steps"], None, ab["eval_every"], "timesteps",
+                                   pairs=pairs["num_pairs"])
+        for size in ab["pair_set_sizes"]:
+            run = f"pairs-{size}"
+            runs[run] = DistillRun(run, ts, shards[: size // pairs["shard_size"]], ab["max_steps"], None,
+                                   ab["eval_every"], "pairs", pairs=size)
+
+    sets: dict[str, SampleSet] = {}
+    if sample["teacher"]:
+        sets["teacher"] = SampleSet("teacher", "teacher", [], tables=(1, 2))
+    for n in sorted(sample["skip"]):
+        sets[f"skip-{n}"] = SampleSet(f"skip-{n}", "skip", ["--skip", str(n)])
+    if sample["onestep"]:
+        sets["onestep"] = SampleSet("onestep", "onestep", [], needs_pairs=True)
+    student_run = None if student_file else "main"
+    # a distilled student hands over from logits to embeddings at its last trained timestep
+    split = ["--split-step", str(ts[-1])] if student_run else []
+    for k in sorted(sample["dd_steps"]):
+        sets[f"dd-{k}step"] = SampleSet(f"dd-{k}step", "dd", ["--steps", *map(str, ts[:k]), *split], student_run)
+    for n in sorted(sample["dd_teacher_starts"]):
+        set_name = f"dd-teacher-{n}-{ts[1]}"
+        sets[set_name] = SampleSet(set_name, "dd-teacher", ["--start", str(n), "--second", str(ts[1]), *split],
+                                   student_run, tables=(2,))
+
+    ev = exp["evaluation"]
+    if ev["reference"] == "digits":
+        reference = f"{DIGITS_DIR}/reference_{image_size}.npz"
+        weights = f"{DIGITS_DIR}/classifier_{image_size}.pt"
+    else:
+        reference = fetch(ev["reference"])
+        weights = fetch(ev["feature_weights_url"])
+    if student_file is None and distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"]:
+        fetch(distill["lpips_backbone_url"])
+    return Plan(name=name, family=family, teacher_name=tname, teacher_label=label, steps=steps,
+                image_size=image_size, tokenizer=tokenizer, model=model, released=tname != "tiny",
+                student_file=student_file, shards=shards, runs=runs, sets=sets, reference=reference,
+                feature_weights=weights, downloads=downloads)

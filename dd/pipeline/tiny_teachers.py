@@ -1,0 +1,184 @@
+"""Training of the tiny embedded-default tokenizer and AR teacher of each family, on the CPU.
+
+``python -m dd train-tokenizer --config config/tiny/llamagen.yaml --out tokenizer.pt``
+``python -m dd train-teacher --config config/tiny/llamagen.yaml --tokenizer tokenizer.pt --out teacher.pt``
+
+The config file holds ``family``, ``image_size`` and two sections, ``tokenizer`` and ``teacher``,
+each with ``arch`` (the model configuration: the same classes as the released models, only the
+numbers differ) and ``train`` (epochs, batch size, learning rate, seed). Images are the bundled 8x8
+digits upsampled to ``image_size`` (see ``dd.evaluation.digits``); every epoch sees them randomly shifted by up
+to ``max_shift`` pixels, which keeps the small teachers from copying the 1,438 training images.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from dd.evaluation.classifier import random_shift
+from dd.evaluation.digits import load_digits_images, save_grid_png
+from dd.families import loading as families
+from dd.families.registry import get_family
+from dd.method.teacher import SamplingConfig
+
+TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "seed": 0, "max_shift": 1,
+                  "grad_clip": 1.0}
+
+
+def load_config(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    cfg = yaml.safe_load(path.read_text())
+    for key in ("family", "image_size", "tokenizer", "teacher"):
+        if key not in cfg:
+            raise ValueError(f"{path}: missing key '{key}'")
+    get_family(cfg["family"])
+    for section in ("tokenizer", "teacher"):
+        unknown = set(cfg[section].get("train", {})) - set(TRAIN_DEFAULTS) - {"cfg_scale", "samples_per_class"}
+        if unknown:
+            raise ValueError(f"{path}: unknown {section}.train keys {sorted(unknown)}; allowed {sorted(TRAIN_DEFAULTS)}")
+    return cfg
+
+
+def _train_settings(cfg: dict, section: str) -> dict:
+    return {**TRAIN_DEFAULTS, **cfg[section].get("train", {})}
+
+
+def _epochs(images, labels, settings, step_fn, desc):
+    """Run ``step_fn(images, labels) -> (loss, stats)`` over shifted, shuffled batches."""
+    from tqdm import tqdm
+
+    g = torch.Generator().manual_seed(settings["seed"])
+    n = len(images)
+    stats = {}
+    bar = tqdm(range(settings["epochs"]), desc=desc, file=sys.stderr)
+    for _ in bar:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, settings["batch_size"]):
+            idx = perm[i: i + settings["batch_size"]]
+            x = random_shift(images[idx], settings["max_shift"], g)
+            stats = step_fn(x, labels[idx])
+        bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items() if isinstance(v, float)})
+    return stats
+
+
+def _optimiser(model, settings):
+    return torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95),
+                             weight_decay=settings["weight_decay"])
+
+
+def train_tokenizer(cfg: dict, out: Path) -> dict:
+    settings = _train_settings(cfg, "tokenizer")
+    torch.manual_seed(settings["seed"])
+    tok = families.build_tokenizer(cfg["family"], cfg["tokenizer"]["arch"]).train()
+    images, labels = load_digits_images(cfg["image_size"], "train")
+    opt = _optimiser(tok, settings)
+
+    def step(x, _):
+        loss, stats = tok.training_loss(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tok.parameters(), settings["grad_clip"])
+        opt.step()
+        return stats
+
+    t0 = time.perf_counter()
+    stats = _epochs(images, labels, settings, step, f"tokenizer ({cfg['family']})")
+    tok.eval()
+    test_images, test_labels = load_digits_images(cfg["image_size"], "test")
+    with torch.no_grad():
+        # the Teacher interface owns encode/decode; an untrained transformer completes it here
+        codec = families.make_teacher(cfg["family"], tok, families.build_ar(cfg["family"], cfg["teacher"]["arch"], tok,
+                                                                             cfg["image_size"]))
+        idx = codec.encode(test_images)
+        rec = codec.decode_indices(idx)
+    mse = torch.mean((rec - test_images) ** 2).item()
+    used = idx.unique().numel()
+    report = {"train_seconds": time.perf_counter() - t0, "test_mse": mse, "codes_used": used, **{
+        k: v for k, v in stats.items() if isinstance(v, float)}}
+    families.save_model(out, cfg["family"], "tokenizer", tok, report=report)
+    grid = torch.cat([test_images[:40], rec[:40]])
+    save_grid_png(grid, None, Path(out).with_suffix(".png"), nrow=20)
+    print(json.dumps({"tokenizer": str(out), **report}))
+    return report
+
+
+def train_teacher(cfg: dict, tokenizer_path: Path, out: Path, classifier: Path | None = None) -> dict:
+    settings = _train_settings(cfg, "teacher")
+    family, tok = families.load_tokenizer(tokenizer_path)
+    if family != cfg["family"]:
+        raise ValueError(f"{tokenizer_path}: a {family} tokenizer, but the config is for {cfg['family']}")
+    tok.requires_grad_(False)
+    torch.manual_seed(settings["seed"])
+    ar = families.build_ar(family, cfg["teacher"]["arch"], tok, cfg["image_size"]).train()
+    teacher = families.make_teacher(family, tok, ar)
+    images, labels = load_digits_images(cfg["image_size"], "train")
+    opt = _optimiser(ar, settings)
+
+    def step(x, y):
+        with torch.no_grad():
+            idx = teacher.encode(x)
+        loss = ar.training_loss(idx, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ar.parameters(), settings["grad_clip"])
+        opt.step()
+        return {"ce": loss.item()}
+
+    t0 = time.perf_counter()
+    stats = _epochs(images, labels, settings, step, f"teacher ({family})")
+    ar.eval()
+    report = {"train_seconds": time.perf_counter() - t0, **stats}
+    families.save_model(out, family, "ar", ar, report=report)
+    report.update(check_teacher(teacher, images, cfg, out, classifier, settings))
+    families.save_model(out, family, "ar", ar, report=report)
+    print(json.dumps({"teacher": str(out), **report}))
+    return report
+
+
+@torch.no_grad()
+def check_teacher(teacher, train_images, cfg, out: Path, classifier: Path | None, settings) -> dict:
+    """Class-conditional samples: a grid PNG (one row per class); with a classifier, the fraction
+    labelled as their class; and the fraction of samples whose token sequence copies a training image."""
+    per_class = cfg["teacher"].get("train", {}).get("samples_per_class", 50)
+    labels = torch.arange(teacher.num_classes).repeat_interleave(per_class)
+    sampling = SamplingConfig(cfg_scale=cfg["teacher"].get("train", {}).get("cfg_scale", 2.0))
+    idx = teacher.sample(labels, sampling, torch.Generator().manual_seed(settings["seed"]))
+    images = teacher.decode_indices(idx)
+    save_grid_png(images, labels, Path(out).with_suffix(".png"), nrow=10)
+    train_idx = torch.cat([teacher.encode(b) for b in train_images.split(256)])
+    known = {tuple(r) for r in train_idx.tolist()}
+    report = {"copy_fraction": sum(tuple(r) in known for r in idx.tolist()) / len(idx),
+              "samples_checked": len(idx)}
+    if classifier is not None:
+        from dd.evaluation.classifier import classify, load_classifier
+
+        pred = classify(load_classifier(classifier), images)
+        per = [(pred[labels == c] == c).float().mean().item() for c in range(teacher.num_classes)]
+        report.update(classifier_accuracy=(pred == labels).float().mean().item(), classifier_accuracy_per_class=per)
+    return report
+
+
+def add_arguments_for(name: str, parser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="tiny-model YAML (config/tiny/*.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (a .png grid is written beside it)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    if name == "train-teacher":
+        parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer checkpoint from train-tokenizer")
+        parser.add_argument("--classifier", type=Path, help="digits classifier checkpoint: report sample accuracy")
+
+
+def main(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    if args.command == "train-tokenizer":
+        train_tokenizer(cfg, args.out)
+    else:
+        train_teacher(cfg, args.tokenizer, args.out, args.classifier)
+    return 0
