@@ -152,3 +152,29 @@ def test_snakemake_dry_run_fails_before_any_job_naming_the_key(tmp_path):
     assert "experiments.tiny_var.distill.timesteps" in out and "last step 4" in out, out[-3000:]
     assert "Job stats" not in out
     assert not (tmp_path / "work" / "results").exists()
+
+
+def test_defaults_have_one_source_the_settings_dataclasses():
+    """A key of pairs / distill / sample / evaluation that the stage's settings dataclass has carries no default in
+    the schema, and a config that leaves it out gets the dataclass's value: the value the CLI uses."""
+    from dataclasses import MISSING, fields
+
+    schema = ddconfig.load_schema()
+    config = copy.deepcopy(DEFAULT)
+    exp = config["experiments"]["tiny_var"]
+    expected = {}
+    for section, cls in ddconfig.SECTION_SETTINGS.items():
+        declared = schema["$defs"][section]["properties"]
+        for f in fields(cls):
+            if f.name not in declared or (section, f.name) in ddconfig.NO_DEFAULT:
+                continue
+            assert "default" not in declared[f.name], f"{section}.{f.name}: a second default in the schema"
+            if f.name in ("timesteps", "batch_size") and section == "distill":
+                continue                                   # required keys: the user gives them
+            exp[section].pop(f.name, None)
+            default = f.default_factory() if f.default is MISSING else f.default
+            expected[(section, f.name)] = list(default) if isinstance(default, tuple) else default
+    assert len(expected) >= 20
+    checked = ddconfig.check_config(config, base_dir=REPO)["experiments"]["tiny_var"]
+    assert {k: checked[k[0]][k[1]] for k in expected} == expected
+    assert expected[("distill", "checkpoint_every")] == 1000 and expected[("sample", "batch_size")] == 250

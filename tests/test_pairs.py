@@ -76,7 +76,7 @@ def test_corrupt_truncated_and_mismatched_shards_are_reported(tmp_path):
     with pytest.raises(P.ShardError, match="truncated"):
         P.open_shard(tmp_path / "s.bin")
     (tmp_path / "s.json").write_text("{not json")
-    with pytest.raises(P.ShardError, match="corrupt manifest"):
+    with pytest.raises(P.ShardError, match="corrupt shard manifest"):
         P.open_shard(tmp_path / "s.bin")
 
 

@@ -55,7 +55,7 @@ def check_sample_arrays(images, labels, source: str, *, require_labels: bool = F
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         dtype = getattr(images, "dtype", type(images).__name__)
         raise SampleSetError(f"{source}: 'images' must be uint8 in [0, 255], got {dtype} "
-                             "(convert images in [-1, 1] with dd.digits.to_uint8)")
+                             "(convert images in [-1, 1] with dd.evaluation.digits.to_uint8)")
     if images.ndim != 4 or images.shape[1] != 3:
         channels_last = images.ndim == 4 and images.shape[-1] == 3
         hint = " (this looks channels-last; transpose to [N, 3, H, W])" if channels_last else ""

@@ -1,6 +1,6 @@
 """The family adapter: everything the method and the pipeline need to know about one teacher family.
 
-A family (VAR, LlamaGen, ...) is a sub-package of ``dd.families.loading`` with its tokenizer, AR transformer, DD student,
+A family (VAR, LlamaGen, ...) is a sub-package of ``dd.families`` with its tokenizer, AR transformer, DD student,
 ``Teacher`` adapter, released-checkpoint loaders and golden checks, plus one ``Family`` object that exposes them
 through the interface below. ``dd.families.registry`` lists the families; nothing outside a family's package
 knows which families exist or branches on a family's name.

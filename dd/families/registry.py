@@ -1,4 +1,4 @@
-"""The teacher families this project knows. Adding a family: a sub-package of ``dd.families.loading`` with a ``Family``
+"""The teacher families this project knows. Adding a family: a sub-package of ``dd.families`` with a ``Family``
 adapter (``dd.families.base``), and one line here."""
 from __future__ import annotations
 

@@ -143,14 +143,23 @@ class ShardError(ValueError):
     pass
 
 
+def _read_json(path: Path, error: type[Exception], what: str, missing: str) -> dict:
+    """A JSON object from ``path``; ``error`` naming the file when it is missing (``missing`` says where it comes
+    from) or is not a JSON object."""
+    if not path.is_file():
+        raise error(f"{path}: {what} not found ({missing})")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: corrupt {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: corrupt {what} (not a JSON object)")
+    return obj
+
+
 def read_manifest(bin_path: Path) -> dict:
     mpath = manifest_path(bin_path)
-    if not mpath.is_file():
-        raise ShardError(f"{mpath}: missing shard manifest (expected beside {bin_path})")
-    try:
-        m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{mpath}: corrupt manifest ({e})") from None
+    m = _read_json(mpath, ShardError, "shard manifest", f"expected beside {bin_path}")
     if m.get("format_version") != FORMAT_VERSION:
         raise ShardError(f"{mpath}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
     return m
@@ -356,13 +365,8 @@ def index_shards(bins: list[Path], verify: bool = True) -> dict:
 
 def read_index(path: Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ShardSetError(f"{path}: pair-set index not found (written by python -m dd index-shards)")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardSetError(f"{path}: corrupt pair-set index ({e})") from None
-    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+    index = _read_json(path, ShardSetError, "pair-set index", "written by python -m dd index-shards")
+    if not isinstance(index.get("shards"), list):
         raise ShardSetError(f"{path}: not a pair-set index (expected a JSON object with a 'shards' list)")
     return index
 

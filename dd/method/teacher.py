@@ -29,7 +29,13 @@ from torch import nn
 
 @dataclass
 class SamplingConfig:
-    """How the teacher turns logits into probabilities. Off values: top_k=0, top_p=1.0."""
+    """How the teacher turns logits into probabilities. Off values: top_k=0, top_p=1.0.
+
+    ``cfg_scale`` is classifier-free guidance as each family's released sampler applies it: LlamaGen mixes
+    uncond + (cond - uncond) * cfg_scale at every step, and only when cfg_scale > 1 (otherwise it runs the
+    conditional branch alone); VAR ramps the guidance over its scales, (1 + w) cond - w uncond with w growing
+    linearly from 0 at the first scale to cfg_scale at the last. The same number therefore guides the two
+    families differently; the paper uses 2.0 for both."""
 
     cfg_scale: float = 1.0
     top_k: int = 0

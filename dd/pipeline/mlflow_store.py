@@ -15,7 +15,7 @@ by deterministic tags (``dd.experiment``, ``dd.job``, ``dd.role``), never rememb
 Artifacts go to ``<store folder>/mlartifacts/`` (for ``results/mlflow.db``: ``results/mlartifacts/``), so nothing
 is written outside ``results/``.
 
-``MlflowLogger`` implements ``dd.tracking.Logger`` on one child run, for code that logs while it runs.
+Jobs do not log to MLflow while they run: they write files, and ``python -m dd track`` records them afterwards.
 """
 from __future__ import annotations
 
@@ -186,30 +186,6 @@ class MlflowStore:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         with self.locked():
             self.client.set_terminated(run_id, status)
-
-
-class MlflowLogger:
-    """``dd.tracking.Logger`` writing to one child run (job ``job`` of experiment ``experiment``)."""
-
-    def __init__(self, store: MlflowStore | str | os.PathLike, experiment: str, job: str, *,
-                 tags: dict | None = None, mlflow_experiment: str = "distilled-decoding", replace: bool = True):
-        self.store = store if isinstance(store, MlflowStore) else MlflowStore(store, mlflow_experiment)
-        self.run_id = self.store.child_run(experiment, job, tags=tags, replace=replace)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.store.log(self.run_id, params=params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.store.log(self.run_id, series=[(step, metrics)])
-
-    def log_artifact(self, path, folder: str | None = None) -> None:
-        self.store.log(self.run_id, artifacts=[(path, folder)])
-
-    def set_tags(self, tags: dict) -> None:
-        self.store.log(self.run_id, tags=tags)
-
-    def close(self, status: str = "FINISHED") -> None:
-        self.store.finish(self.run_id, status)
 
 
 def _q(s: str) -> str:

@@ -12,8 +12,9 @@ Three models, each configured by a small dataclass:
   blocks; its input tokens are continuous vectors (data before step t, noise from t on), and it returns
   logits and a continuous embedding for every token, computed at that token's own position.
 
-``LlamaGenTeacher`` adapts tokenizer + GPT to ``dd.teacher.Teacher``; ``load_teacher`` and
-``load_student`` read the released checkpoint files. State-dict keys, shapes and dtypes are those of
-the original code (FoundationVision/LlamaGen, microsoft/distilled_decoding), so released weights load
-unchanged.
+Modules: ``tokenizer``, ``gpt`` (with LlamaGen's sampling rules), ``student``, ``teacher`` (``LlamaGenTeacher``,
+the ``dd.method.teacher.Teacher`` adapter: one token per AR step), ``checkpoints`` (``load_teacher`` /
+``load_student`` read the released files; state-dict keys, shapes and dtypes are those of the original code,
+FoundationVision/LlamaGen and microsoft/distilled_decoding, so released weights load unchanged), ``golden``
+(checks against the original code) and ``family`` (the ``Family`` adapter the rest of the project uses).
 """

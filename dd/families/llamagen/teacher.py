@@ -22,7 +22,7 @@ class _DecodeCache:
 
 
 class LlamaGenTeacher(Teacher):
-    """VQ tokenizer + class-conditional GPT as a ``dd.teacher.Teacher``: one token per AR step.
+    """VQ tokenizer + class-conditional GPT as a ``dd.method.teacher.Teacher``: one token per AR step.
 
     The adapter leaves the wrapped models' mode and ``requires_grad`` as they are (a GPT may still be
     in training); for sampling and distillation call ``.eval().requires_grad_(False)`` on it.

@@ -17,4 +17,8 @@ Three models, read top to bottom:
    all 680 token vectors (data before step t, noise after), which outputs logits and continuous
    vectors for every token in one pass.
 
+Modules: ``vqvae`` (1), ``transformer`` (2, with VAR's sampling rules), ``student`` (3), ``teacher`` (the
+``dd.method.teacher.Teacher`` adapter: one AR step = one scale), ``checkpoints`` (the released files; state-dict keys,
+shapes and nesting as FoundationVision/VAR and microsoft/distilled_decoding write them), ``golden`` (checks against
+the original code) and ``family`` (the ``Family`` adapter the rest of the project uses).
 """

@@ -30,7 +30,7 @@ class _SamplerCache:
 
 
 class VARTeacher(Teacher):
-    """(VQVAE, VAR) as a ``dd.teacher.Teacher``: one AR step = one scale."""
+    """(VQVAE, VAR) as a ``dd.method.teacher.Teacher``: one AR step = one scale."""
 
     family = "var"
 
