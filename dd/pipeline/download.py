@@ -1,20 +1,32 @@
-"""Released checkpoints and a robust downloader for them.
+"""Released checkpoints and the downloader for them.
 
-``REGISTRY`` lists every file the project can fetch (teachers, tokenizers, DD students, the FID statistic) with
-the URL the original READMEs give. None of those READMEs publishes a checksum, so integrity rests on a lock
-file: the first download records each file's SHA-256 and size, and every later download or check of the same
-URL must reproduce them (trust on first use, like a package lock file).
+``REGISTRY`` lists every file the project can fetch (teachers, tokenizers, DD students, the FID statistic). Each is a
+file in a Hugging Face Hub repository (``dd.families.base.Release``). None of the original READMEs publishes a
+checksum, so integrity rests on a lock file: the first download records each file's SHA-256, its size and the Hub
+commit it came from, and every later download or check must reproduce them (trust on first use, like a package
+lock file).
 
-``download`` uses only urllib (plus tqdm for the progress bar) and is built to survive flaky multi-GB transfers:
+Hub files are fetched with ``huggingface_hub.hf_hub_download``:
 
-* the bytes go to ``<dest>.part``; a restart asks for the rest with ``Range: bytes=N-`` and appends if the
-  server answers 206 (it starts over on a plain 200);
-* connection errors, timeouts, 5xx/429 answers and short bodies are retried with exponential backoff;
-* the finished ``.part`` is hashed, checked against the pinned digest or the lock file, fsynced and only then
-  renamed over ``dest`` with ``os.replace``, so the final name never holds a partial or unverified file;
-* an existing ``dest`` that verifies is reused without touching the network.
+* the user's Hugging Face cache is reused (``HF_HOME`` / ``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``), and
+  ``HF_ENDPOINT`` (a mirror) and ``HF_HUB_OFFLINE`` are honoured. The library reads these variables once, when it is
+  imported; this module reads them again at every call and passes them on, so a change made after the import
+  (a test, a notebook) counts too;
+* revision pinning: the registry asks for the branch ``main``; the lock file records the commit that resolved to, and
+  every later download asks for exactly that commit, so a new push to ``main`` never changes what the pipeline gets
+  (and a cached commit needs no network at all);
+* retries, resuming after a dropped connection, the size check of the body and the progress bar are the library's.
+  The file stays in the library's cache; this module hard-links it (same filesystem) or copies it to a temporary
+  name beside ``dest``, verifies it against the lock file, fsyncs it and only then renames it over ``dest`` with
+  ``os.replace``, so the final name never holds a partial or unverified file.
 
-Command line: ``python -m dd download NAME... --dest DIR [--lock FILE]``; ``--list`` prints the registry.
+Plain https URLs (``UrlRelease``, e.g. pinned feature-extractor weights in a config) are not Hub files. They are
+fetched with the library's HTTP helper ``huggingface_hub.file_download.http_get`` (the same retries, resume and
+progress bar; no Hub token is sent) into the temporary file beside ``dest`` and installed the same way. They have no
+commit: their lock entry holds SHA-256 and size only.
+
+Command line: ``python -m dd download NAME... --dest DIR [--lock FILE]``; ``--list`` prints the registry. Timeouts
+are the library's settings ``HF_HUB_ETAG_TIMEOUT`` and ``HF_HUB_DOWNLOAD_TIMEOUT`` (seconds, environment).
 """
 from __future__ import annotations
 
@@ -22,28 +34,29 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
-import http.client
 import json
 import os
 import re
+import shutil
 import sys
-import tempfile
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from pathlib import Path
-from typing import Iterator
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+import huggingface_hub
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 from dd import __version__
 from dd.families.base import Release
 from dd.families.registry import FAMILIES
-from dd.io import fsync_dir, sha256_file
+from dd.io import atomic_write_json, fsync_dir, sha256_file
 
 DEFAULT_LOCK_FILE = Path("resources/downloads.lock.json")
-CHUNK_BYTES = 1 << 20
-USER_AGENT = f"distilled-decoding/{__version__} (python-urllib)"
+LIBRARY_NAME = "distilled-decoding"  # goes into the User-Agent of every request
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub accepts as a true environment flag
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,7 +84,7 @@ REGISTRY: dict[str, Release] = {r.name: r for r in _RELEASES}
 assert len(REGISTRY) == len(_RELEASES), "duplicate release name"
 
 
-def resolve(url_or_name: str) -> Release:
+def resolve(url_or_name: str) -> Release | UrlRelease:
     """A registry entry by short name, or an ad-hoc entry for a plain http(s) URL."""
     if url_or_name in REGISTRY:
         return REGISTRY[url_or_name]
@@ -97,10 +110,6 @@ class ChecksumError(DownloadError):
     """A file's SHA-256 (or size) differs from the pinned or locked one."""
 
 
-class _RetryableError(Exception):
-    """A failure worth another attempt (network trouble, 5xx, short body); never escapes this module."""
-
-
 def verify_file(path: str | os.PathLike, sha256: str | None = None, *, size: int | None = None,
                 source: str = "") -> str:
     """Check ``path`` against an expected size and SHA-256 (either may be None); return its actual digest.
@@ -112,16 +121,33 @@ def verify_file(path: str | os.PathLike, sha256: str | None = None, *, size: int
     if not path.is_file():
         raise DownloadError(f"{path}: file does not exist")
     where = f" (expected by {source})" if source else ""
-    if size is not None and path.stat().st_size != size:
-        raise ChecksumError(f"{path}: size mismatch{where}: expected {size} bytes, found {path.stat().st_size}")
+    found = path.stat().st_size
+    if size is not None and found != size and sha256 is None:
+        raise ChecksumError(f"{path}: size mismatch{where}: expected {size} bytes, found {found}")
     actual = sha256_file(path)
+    if size is not None and found != size:  # both digests too: they tell which version each one is
+        raise ChecksumError(f"{path}: size mismatch{where}: expected {size} bytes, found {found} "
+                            f"(SHA-256 expected {sha256.lower()}, got {actual})")
     if sha256 is not None and actual != sha256.lower():
         raise ChecksumError(f"{path}: SHA-256 mismatch{where}: expected {sha256.lower()}, got {actual}")
     return actual
 
 
+def _describe(error: BaseException) -> str:
+    """One line: the exception and the chain of its explicit causes. The library wraps e.g. an HTTP 500 in a generic
+    "cannot find the file in the local cache" error, and the cause is the useful part; a cause that only repeats
+    what is already said is left out."""
+    parts: list[str] = []
+    while error is not None and len(parts) < 3:
+        text = " ".join(str(error).split())
+        if not any(text in part for part in parts):
+            parts.append(f"{type(error).__name__}: {text}" if text else type(error).__name__)
+        error = error.__cause__
+    return "; caused by ".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Lock file: URL -> {name, file, sha256, size}
+# Lock file: URL -> {name, file, sha256, size[, commit]}
 # ---------------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -159,142 +185,184 @@ def expected_sha256(url_or_name: str, lock_file: str | os.PathLike | None = None
     return read_lock(lock_file).get(release.url, {}).get("sha256")
 
 
-def _record_in_lock(lock_file: Path, release: Release, sha256: str, size: int) -> None:
-    """Add an entry (first download wins); refuse to overwrite a different recorded digest."""
+def _record_in_lock(lock_file: Path, release: Release | UrlRelease, sha256: str, size: int,
+                    commit: str | None = None) -> None:
+    """Add an entry, or the commit to an entry that lacks one; what was recorded first wins. Refuses to record a
+    digest that differs from the one already there (another process may have recorded it meanwhile)."""
     with _exclusive(lock_file):
         entries = read_lock(lock_file)
         old = entries.get(release.url)
-        if old is not None:
-            if old.get("sha256") != sha256:
-                raise ChecksumError(f"{release.filename}: lock file {lock_file} already records SHA-256 "
-                                    f"{old.get('sha256')} for {release.url}, refusing to record {sha256}")
-            return
-        entries[release.url] = {"name": release.name, "file": release.filename, "sha256": sha256, "size": size}
-        fd, tmp = tempfile.mkstemp(prefix=f".{lock_file.name}.", suffix=".tmp", dir=lock_file.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, lock_file)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(lock_file.parent)
+        if old is not None and old.get("sha256") != sha256:
+            raise ChecksumError(f"{release.filename}: lock file {lock_file} already records SHA-256 "
+                                f"{old.get('sha256')} for {release.url}, refusing to record {sha256}")
+        new = {"name": release.name, "file": release.filename, "sha256": sha256, "size": size}
+        if commit is not None:
+            new["commit"] = commit
+        merged = {**new, **(old or {})}
+        if merged != old:
+            entries[release.url] = merged
+            atomic_write_json(lock_file, entries)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# HTTP transfer
+# The Hugging Face settings, read from the environment at call time
 # ---------------------------------------------------------------------------------------------------------------
 
-def _content_range(header: str | None) -> tuple[int | None, int | None]:
-    """Parse ``bytes START-END/TOTAL`` (or ``bytes */TOTAL``) into (START, TOTAL); unknown parts are None."""
-    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", header or "")
-    if not match:
-        return None, None
-    start, total = match.groups()
-    return (int(start) if start else None), (int(total) if total and total != "*" else None)
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in _TRUE
 
 
-def _is_retryable_status(code: int) -> bool:
-    return code >= 500 or code in (408, 425, 429)
+def _offline() -> bool:
+    # the library's import-time copy counts too: it blocks every request itself when set
+    return (_env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+            or huggingface_hub.constants.is_offline_mode())
 
 
-def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> None:
-    """One HTTP request that brings ``part`` closer to the whole file.
+def _endpoint() -> str | None:
+    """HF_ENDPOINT as set now; None leaves the library's (https://huggingface.co unless set at import)."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
 
-    Resumes from the current size of ``part`` if the server honours the range, otherwise starts over.
-    Returns once ``part`` holds a body of the announced length; raises ``_RetryableError`` otherwise.
-    """
-    from tqdm import tqdm
 
-    offset = part.stat().st_size if part.exists() else 0
-    # identity encoding: byte offsets must refer to the file itself, not to a compressed stream.
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
+def _cache_dir() -> str | None:
+    """The Hub cache as the environment names it now, by the library's rules; None leaves the library's default."""
+    def expand(value: str) -> str:
+        return os.path.expandvars(os.path.expanduser(value))
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return expand(os.environ[var])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(expand(os.environ["HF_HOME"]), "hub")
+    return None
+
+
+class _ProgressBar(hf_tqdm):
+    """The library's progress bar, shown even when stderr is not a terminal (a log file, a captured stream): the
+    library would hide it there, but ``--no-progress`` is this tool's switch for that. The library's own switches
+    (``HF_HUB_DISABLE_PROGRESS_BARS``, ``disable_progress_bars()``) still win."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("disable") is None:  # the library passes None for "decide by the terminal"
+            kwargs["disable"] = False
+        super().__init__(*args, **kwargs)
+
+
+class _NoProgressBar(hf_tqdm):
+    """``--no-progress`` for one call, without touching the library's process-wide progress-bar state."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def _bar(progress: bool) -> type[hf_tqdm]:
+    return _ProgressBar if progress else _NoProgressBar
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fetching: Hub files through the library's cache, plain URLs with the library's HTTP helper
+# ---------------------------------------------------------------------------------------------------------------
+
+def _hub_url(release: Release, revision: str | None = None) -> str:
+    """Where the file is fetched from: the release at ``revision`` on the endpoint in effect now."""
+    return huggingface_hub.hf_hub_url(release.repo, release.path, revision=revision or release.revision,
+                                      endpoint=_endpoint())
+
+
+def _snapshot_commit(cached: Path, release: Release) -> str:
+    """The commit of a file in the Hub cache: the library keeps it at ``snapshots/<commit>/<path in the repo>``."""
+    snapshot = cached.parents[len(PurePosixPath(release.path).parts) - 1]
+    if snapshot.parent.name != "snapshots" or not _COMMIT.fullmatch(snapshot.name):
+        raise DownloadError(f"{release.name}: cannot tell the commit of {cached}: not in a Hub cache snapshot folder")
+    return snapshot.name
+
+
+def _fetch_from_hub(release: Release, revision: str, *, force: bool, progress: bool) -> tuple[Path, str]:
+    """The file in the Hugging Face cache (downloaded there first if needed) and the commit it belongs to."""
+    offline = _offline()
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:
-            # Nothing left after `offset`: either the part is already complete (a crash between the last byte
-            # and the rename) or it is longer than the file (a stale part of another version).
-            _, total = _content_range(e.headers.get("Content-Range"))
-            if total == offset:
-                return
-            part.unlink()
-            raise _RetryableError(f"HTTP 416 for a range from byte {offset}; discarded the partial file") from e
-        if _is_retryable_status(e.code):
-            raise _RetryableError(f"HTTP {e.code} {e.reason}") from e
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        raise _RetryableError(f"cannot connect: {getattr(e, 'reason', e)}") from e
+        cached = huggingface_hub.hf_hub_download(
+            repo_id=release.repo, filename=release.path, revision=revision, endpoint=_endpoint(),
+            cache_dir=_cache_dir(), local_files_only=offline, force_download=force,
+            library_name=LIBRARY_NAME, library_version=__version__, tqdm_class=_bar(progress))
+    except Exception as e:  # noqa: BLE001 - the library's error types differ between versions and HTTP backends
+        url = _hub_url(release, revision)
+        if offline:
+            cache = _cache_dir() or huggingface_hub.constants.HF_HUB_CACHE
+            need = " (--force needs the network)" if force else ""
+            raise DownloadError(f"{release.name}: HF_HUB_OFFLINE is set and {url} is not in the Hugging Face cache "
+                                f"{cache}{need}; download it once with network access or unset HF_HUB_OFFLINE "
+                                f"[{_describe(e)}]") from e
+        raise DownloadError(f"{release.name}: cannot download {url}: {_describe(e)}") from e
+    cached = Path(cached)
+    return cached, _snapshot_commit(cached, release)
 
-    with response:
-        if response.status == 206:
-            start, total = _content_range(response.headers.get("Content-Range"))
-            if start != offset:
-                part.unlink()
-                raise _RetryableError(f"server resumed at byte {start}, asked for {offset}; starting over")
-            mode = "ab"
-        else:  # 200: the server ignored (or was not sent) the range, so the body is the whole file.
-            offset, mode, total = 0, "wb", None
-        body_length = response.headers.get("Content-Length")
-        body_length = int(body_length) if body_length is not None else None
-        if total is None and body_length is not None:
-            total = offset + body_length
 
-        received = 0
-        with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                          unit_divisor=1024, desc=part.name[: -len(".part")],
-                                          disable=not progress, leave=False) as bar:
-            while True:
-                try:
-                    chunk = response.read(CHUNK_BYTES)
-                except (http.client.HTTPException, OSError) as e:
-                    raise _RetryableError(f"connection lost after {offset + received} bytes: {e!r}") from e
-                if not chunk:
-                    break
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-            f.flush()
+def _fetch_url(release: UrlRelease, path: Path, *, progress: bool) -> None:
+    """A plain URL into ``path``; only our User-Agent is sent (no Hub token to a foreign host)."""
+    if _offline():
+        raise DownloadError(f"{release.url}: HF_HUB_OFFLINE is set, so this URL cannot be fetched")
+    try:
+        with open(path, "wb") as f:
+            http_get(release.url, f, headers={"User-Agent": f"{LIBRARY_NAME}/{__version__}"},
+                     displayed_filename=release.filename, tqdm_class=_bar(progress))
+    except Exception as e:  # noqa: BLE001 - as in _fetch_from_hub
+        raise DownloadError(f"{release.url}: {_describe(e)}") from e
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link the cached blob where the cache shares the filesystem (no second copy of a multi-GB file), else copy
+    it. A hard link shares the bytes with the cache: the pipeline only ever reads checkpoints, and a re-download
+    (``--force``) gives the cache a new file rather than rewriting this one."""
+    blob = src.resolve()  # the snapshot entry is a symlink to the blob (a plain file where symlinks are unsupported)
+    try:
+        os.link(blob, dst)
+    except OSError:
+        shutil.copyfile(blob, dst)
+
+
+@contextlib.contextmanager
+def _staged(dest: Path) -> Iterator[Path]:
+    """A fresh temporary name beside ``dest`` (the pattern of ``dd.io.atomic_open``, so ``remove_stale_temps`` knows
+    it). What the block leaves there is fsynced and renamed over ``dest`` when the block ends cleanly; it is deleted
+    when the block raises (then ``dest``, if any, is untouched)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-    # urllib does not always complain when the peer closes early; count the bytes ourselves.
-    if body_length is not None and received != body_length:
-        raise _RetryableError(f"short read: got {received} of {body_length} bytes (from byte {offset})")
-    if total is not None and part.stat().st_size != total:
-        raise _RetryableError(f"partial file has {part.stat().st_size} bytes, the server announced {total}")
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _fetch_with_retries(url: str, part: Path, *, retries: int, backoff: float, timeout: float,
-                        progress: bool) -> None:
-    for attempt in range(retries + 1):
-        try:
-            _fetch_once(url, part, timeout=timeout, progress=progress)
-            return
-        except _RetryableError as e:
-            if attempt == retries:
-                kept = f"; {part.stat().st_size} bytes kept in {part} for a later resume" if part.exists() else ""
-                raise DownloadError(f"{url}: giving up after {retries + 1} attempts, last error: {e}{kept}") from e
-            wait = backoff * 2 ** attempt
-            print(f"download {url}: {e}; retry {attempt + 1}/{retries} in {wait:.2f}s", file=sys.stderr)
-            time.sleep(wait)
+def _install(dest: Path, fill: Callable[[Path], None], check: Callable[[Path], str], source: str,
+             hint: str = "") -> str:
+    """``fill`` a temporary file beside ``dest``, ``check`` it, and only then move it to ``dest``; its digest."""
+    try:
+        with _staged(dest) as tmp:
+            fill(tmp)
+            return check(tmp)
+    except ChecksumError as e:
+        raise ChecksumError(f"{source} failed verification, nothing was written to {dest}: {e}{hint}") from e
+    except DownloadError:
+        raise
+    except OSError as e:  # a full disk or a read-only folder: still a failed download, not a crash
+        raise DownloadError(f"{source}: cannot write {dest}: {e}") from e
 
 
 def download(url_or_name: str, dest: str | os.PathLike, *, sha256: str | None = None,
-             lock_file: str | os.PathLike | None = None, retries: int = 5, backoff: float = 1.0,
-             timeout: float = 60, progress: bool = True, force: bool = False) -> Path:
+             lock_file: str | os.PathLike | None = None, progress: bool = True, force: bool = False) -> Path:
     """Fetch a registry release (by short name) or a URL to ``dest`` and return the verified path.
 
-    ``dest`` is the final file path, or an existing directory to put the release's file name in.
-    ``sha256`` pins the digest (overrides the registry's). With ``lock_file``, an unpinned digest is recorded
-    on first download and enforced afterwards. ``retries`` extra attempts follow the first, waiting
-    ``backoff * 2**k`` seconds. An existing verified ``dest`` is returned without network unless ``force``;
-    with ``force`` the old file stays in place until the new one has been verified.
+    ``dest`` is the final file path, or an existing directory to put the release's file name in. ``sha256`` pins the
+    digest (overrides the registry's). With ``lock_file``, the digest, size and (Hub files) commit are recorded on the
+    first download and enforced afterwards; a Hub file is then always fetched at the recorded commit. An existing
+    ``dest`` that verifies against what the lock file records is returned without network unless ``force``; with
+    ``force`` the file is downloaded again (also into the Hub cache) and the old ``dest`` stays in place until the new
+    one has been verified.
     """
     release = resolve(url_or_name)
     dest = Path(dest)
@@ -303,6 +371,7 @@ def download(url_or_name: str, dest: str | os.PathLike, *, sha256: str | None = 
     lock_file = Path(lock_file) if lock_file is not None else None
     pinned = (sha256 or release.sha256 or "").lower() or None
     locked = read_lock(lock_file).get(release.url) if lock_file is not None else None
+    on_hub = isinstance(release, Release)
 
     def check(path: Path) -> str:
         if locked is not None:
@@ -314,32 +383,22 @@ def download(url_or_name: str, dest: str | os.PathLike, *, sha256: str | None = 
             raise ChecksumError(f"{path}: SHA-256 mismatch (pinned for {release.url}): expected {pinned}, got {actual}")
         return actual
 
-    if dest.exists() and not force:
+    commit = locked.get("commit") if locked else None
+    # An existing file is reused without network, except a Hub file whose commit the lock file does not know yet
+    # (a first download into an existing file, or an entry written before commits were recorded): that one goes
+    # through the Hub cache, which tells the commit.
+    if dest.exists() and not force and (lock_file is None or not on_hub or commit):
         actual = check(dest)
+    elif on_hub:
+        cached, commit = _fetch_from_hub(release, commit or release.revision, force=force, progress=progress)
+        actual = _install(dest, lambda tmp: _link_or_copy(cached, tmp), check,
+                          f"{release.name} ({_hub_url(release, commit)})",
+                          hint="; if the copy in the Hugging Face cache is damaged, --force downloads it again")
     else:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_suffix(dest.suffix + ".part")
-        # A part left by an earlier run may belong to another version of the file; if the resumed result does
-        # not verify, one clean download from byte 0 settles whether the server or the old part is at fault.
-        resumed_old_part = part.exists() and part.stat().st_size > 0
-        while True:
-            _fetch_with_retries(release.url, part, retries=retries, backoff=backoff, timeout=timeout,
-                                progress=progress)
-            try:
-                actual = check(part)
-                break
-            except ChecksumError as e:
-                part.unlink()
-                if not resumed_old_part:
-                    raise ChecksumError(f"downloaded {release.url} to {dest} but it failed verification; "
-                                        f"nothing was written under {dest.name}: {e}") from e
-                resumed_old_part = False
-                print(f"download {release.url}: resumed file failed verification, starting over", file=sys.stderr)
-        os.replace(part, dest)
-        fsync_dir(dest.parent)
+        actual = _install(dest, lambda tmp: _fetch_url(release, tmp, progress=progress), check, release.url)
 
-    if lock_file is not None and locked is None:
-        _record_in_lock(lock_file, release, actual, dest.stat().st_size)
+    if lock_file is not None and (locked is None or (commit and not locked.get("commit"))):
+        _record_in_lock(lock_file, release, actual, dest.stat().st_size, commit)
     return dest
 
 
@@ -348,20 +407,19 @@ def download(url_or_name: str, dest: str | os.PathLike, *, sha256: str | None = 
 # ---------------------------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Hub files go through the Hugging Face cache (HF_HOME / HF_HUB_CACHE); HF_ENDPOINT, "
+                     "HF_HUB_OFFLINE, HF_TOKEN, HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT are honoured.")
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help="registry names (see --list) or http(s) URLs")
     parser.add_argument("--dest", type=Path, default=Path("resources/checkpoints"),
                         help="folder to download into (default: %(default)s)")
     parser.add_argument("--lock", type=Path, default=DEFAULT_LOCK_FILE,
-                        help="JSON lock file recording SHA-256 and size per URL (default: %(default)s)")
+                        help="JSON lock file recording SHA-256, size and Hub commit per file (default: %(default)s)")
     parser.add_argument("--no-lock", action="store_true", help="neither read nor write a lock file")
     parser.add_argument("--list", action="store_true", help="print the registry and exit")
     parser.add_argument("--force", action="store_true",
-                        help="download again even if the file exists (the old one stays until the new one verifies)")
-    parser.add_argument("--retries", type=int, default=5, help="extra attempts after a failure (default: %(default)s)")
-    parser.add_argument("--backoff", type=float, default=1.0,
-                        help="first wait between attempts in seconds, doubled each time (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds (default: %(default)s)")
+                        help="download again even if the file exists or is cached (the old one stays until the new "
+                             "one verifies)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -370,6 +428,7 @@ def print_registry(file=None) -> None:
     for release in REGISTRY.values():
         pinned = release.sha256 or "not published (the lock file records it)"
         print(f"{release.name}: {release.description}\n  file:       {release.filename}\n  url:        {release.url}\n"
+              f"  revision:   {release.revision} (the lock file records the commit of the first download)\n"
               f"  sha256:     {pinned}\n  state dict: {release.nesting}", file=file)
 
 
@@ -389,9 +448,8 @@ def main(args: argparse.Namespace) -> int:
     failures = 0
     for release in releases:
         try:
-            path = download(release.name, args.dest / release.filename, lock_file=lock_file, retries=args.retries,
-                            backoff=args.backoff, timeout=args.timeout, progress=not args.no_progress,
-                            force=args.force)
+            path = download(release.name, args.dest / release.filename, lock_file=lock_file,
+                            progress=not args.no_progress, force=args.force)
         except DownloadError as e:
             print(f"error: {e}", file=sys.stderr)
             failures += 1
