@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("dd.method.distill", "train a DD student on a pair set"),
     "sample": ("dd.method.sample", "sample images: DD few-step, teacher-involved, teacher and baselines"),
     "digits-reference": ("dd.evaluation.reference", "write the digits reference set (FID reference of the tiny teachers)"),
+    "validate-features": ("dd.evaluation.validate_features", "check that FID with a feature network ranks what a person sees"),
     "evaluate": ("dd.evaluation.metrics", "FID / IS / precision / recall of a sample set (torch-fidelity)"),
     "track": ("dd.pipeline.track", "log finished pipeline jobs to the MLflow store"),
     "report": ("dd.pipeline.report", "tables (paper Tables 1-2) and figures (Fig. 1/6/7) from the results"),

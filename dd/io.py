@@ -111,14 +111,56 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ArtefactError(f"{path}: checkpoint not found")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged or not a checkpoint
-        raise ArtefactError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); truncated or corrupt, or "
-                            "holding more than tensors and plain Python values") from None
+    if path.suffix == ".safetensors":
+        ck = read_safetensors(path)
+    else:
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure: the file is damaged or not a checkpoint
+            raise ArtefactError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); truncated or corrupt, or "
+                                "holding more than tensors and plain Python values") from None
     if kind is not None and isinstance(ck, dict) and "kind" in ck and ck["kind"] != kind:
         raise ArtefactError(f"{path}: is a {ck['kind']} checkpoint, expected a {kind} checkpoint")
     return ck
+
+
+# Checkpoints we ship for others to load (the tiny release files) are safetensors: tensors and a flat str -> str
+# metadata map, nothing executable. A checkpoint dict {"model": state_dict, key: JSON-able value, ...} is stored as
+# the state dict's tensors and one JSON string per other key.
+SAFETENSORS_FORMAT = "dd-checkpoint/1"
+
+
+def write_safetensors(path, checkpoint: dict, float16: bool = False) -> None:
+    """Write ``checkpoint`` (``model``: a state dict; other keys JSON-serialisable) atomically as safetensors;
+    with ``float16``, floating-point tensors are stored in half precision (loading casts them back)."""
+    import torch
+    from safetensors.torch import save
+
+    tensors = {k: (v.half() if float16 and v.is_floating_point() else v).contiguous()
+               for k, v in checkpoint["model"].items()}
+    metadata = {k: json.dumps(v, sort_keys=True) for k, v in checkpoint.items() if k != "model"}
+    metadata["format"] = SAFETENSORS_FORMAT
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def read_safetensors(path) -> dict:
+    """The checkpoint dict ``write_safetensors`` stored (tensors as written, e.g. float16)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, ValueError, OSError) as e:
+        raise ArtefactError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e}); truncated or corrupt") \
+            from None
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise ArtefactError(f"{path}: not a dd checkpoint (metadata format {metadata.get('format')!r}, "
+                            f"expected {SAFETENSORS_FORMAT!r})")
+    out = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+    out["model"] = tensors
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

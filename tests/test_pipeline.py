@@ -21,7 +21,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-TABLE_COLUMNS = ["teacher", "method", "steps", "fid", "is", "precision", "recall", "seconds_per_image", "speedup"]
+TABLE_COLUMNS = ["teacher", "method", "steps", "fid", "fid_std", "is", "is_std", "precision", "precision_std", "recall",
+                 "recall_std", "teacher_nll_bits", "teacher_nll_bits_std", "seconds_per_image", "speedup", "kid",
+                 "fid_vs_teacher", "fid_vs_teacher_std", "classifier_accuracy", "params", "batch_size", "num", "set"]
 
 pytestmark = pytest.mark.skipif(not (REPO / "Snakefile").exists(), reason="no Snakefile in this checkout")
 
@@ -40,7 +42,7 @@ def small_config(folder: Path) -> Path:
         exp["pairs"].update(num_pairs=48, shard_size=24, chunk=8)
         exp["distill"].update(batch_size=16, max_steps=12, checkpoint_every=4, eval_every=6)
         exp["sample"].update(num=40, batch_size=20)
-        exp["evaluation"].update(batch_size=20)
+        exp["evaluation"].update(batch_size=20, splits=2)
         if family == "var":
             exp["ablations"] = {"timesteps": [[1, 2]], "pair_set_sizes": [24], "max_steps": 6, "eval_every": 3}
         else:
@@ -91,8 +93,13 @@ def test_tables_figures_and_report(run_a):
         t1 = pd.read_csv(results / exp / "tables" / "table1.csv")
         t2 = pd.read_csv(results / exp / "tables" / "table2.csv")
         for t in (t1, t2):
-            assert list(t.columns[:len(TABLE_COLUMNS)]) == TABLE_COLUMNS or set(TABLE_COLUMNS) <= set(t.columns)
-            assert t[["fid", "precision", "recall", "seconds_per_image", "speedup"]].notna().all().all()
+            assert list(t.columns) == TABLE_COLUMNS
+            assert t[["fid", "fid_std", "is_std", "precision", "precision_std", "recall", "recall_std",
+                      "seconds_per_image", "speedup"]].notna().all().all()
+            assert (t["fid_std"] > 0).all()
+            full = ~t["method"].str.startswith("skip-")     # skip-n images lack tokens: no teacher NLL
+            assert t.loc[full, ["teacher_nll_bits", "teacher_nll_bits_std"]].notna().all().all()
+            assert t.loc[~full, "teacher_nll_bits"].isna().all()
         methods = set(t1["method"])
         assert {"teacher", "onestep*", "dd"} <= methods
         assert any(m.startswith("skip-") for m in methods)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dd.evaluation.digits import NUM_CLASSES, load_digits_images
+from dd.evaluation.digits import NUM_CLASSES, gaussian_blur, load_digits_images, pixel_noise
 from dd.io import ArtefactError, atomic_torch_save, read_checkpoint
 
 CHECKPOINT_KIND = "dd-digits-classifier"
@@ -39,6 +39,10 @@ class ClassifierConfig:
     width: int = 16  # channels of the first conv layer; each later one doubles it
     feature_dim: int = 64
     num_classes: int = NUM_CLASSES
+    # a fixed Gaussian low-pass (standard deviation in pixels) in front of the network, in training and in use:
+    # what it compares is the shape of a digit, so a slightly soft image moves its features little while a broken
+    # stroke still does (0: off)
+    input_blur: float = 0.0
 
 
 @dataclass
@@ -49,6 +53,13 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     max_shift: int = 2  # augmentation: random translation in pixels (each axis)
+    # augmentation: Gaussian blur of standard deviation U(0, blur_max) on a blur_prob share of the images, then
+    # pixel noise of standard deviation U(0, noise_max) on a noise_prob share. Softness then moves the features
+    # less than broken structure does (see dd.evaluation.validate_features)
+    blur_max: float = 0.0
+    blur_prob: float = 0.0
+    noise_max: float = 0.0
+    noise_prob: float = 0.0
     split_seed: int = 0  # of the digits train/test split
     test_fraction: float = 0.2
     # Intra-op threads while training. The convolutions are so small that extra threads mostly add synchronisation
@@ -70,12 +81,19 @@ class DigitsClassifier(nn.Module):
         self.fc_features = nn.Linear(4 * w * (config.image_size // 4) ** 2, config.feature_dim)
         self.fc_logits = nn.Linear(config.feature_dim, config.num_classes)
 
+    def feature_maps(self, images: torch.Tensor, low_pass: bool = True) -> list[torch.Tensor]:
+        """The three convolutions' activations [B, C_i, S_i, S_i] of images [B, 3, S, S] in [-1, 1] (with the
+        configured input low-pass unless ``low_pass`` is False): what a perceptual distance compares."""
+        if low_pass and self.config.input_blur > 0:
+            images = gaussian_blur(images, self.config.input_blur)
+        a1 = F.relu(self.conv1(images))
+        a2 = F.relu(self.conv2(F.max_pool2d(a1, 2)))
+        a3 = F.relu(self.conv3(F.max_pool2d(a2, 2)))
+        return [a1, a2, a3]
+
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, 3, S, S] in [-1, 1] -> (features [B, feature_dim], logits [B, num_classes])."""
-        x = F.max_pool2d(F.relu(self.conv1(images)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.relu(self.conv3(x))
-        features = F.relu(self.fc_features(x.flatten(1)))
+        features = F.relu(self.fc_features(self.feature_maps(images)[-1].flatten(1)))
         return features, self.fc_logits(features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -109,6 +127,20 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     padded = F.pad(images, (max_shift,) * 4, value=-1.0)
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator).tolist()
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+
+
+def augment(images: torch.Tensor, tc: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Blur and pixel noise as ``TrainConfig`` says (nothing with the defaults; no random numbers drawn then)."""
+    n = images.shape[0]
+    if tc.blur_max > 0 and tc.blur_prob > 0:
+        sigma = torch.rand(n, generator=generator) * tc.blur_max
+        sigma = torch.where(torch.rand(n, generator=generator) < tc.blur_prob, sigma, torch.zeros(n))
+        images = gaussian_blur(images, sigma)
+    if tc.noise_max > 0 and tc.noise_prob > 0:
+        std = torch.rand(n, generator=generator) * tc.noise_max
+        std = torch.where(torch.rand(n, generator=generator) < tc.noise_prob, std, torch.zeros(n))
+        images = pixel_noise(images, std, generator)
+    return images
 
 
 @torch.no_grad()
@@ -175,7 +207,7 @@ def _train(out_path, config: ClassifierConfig, tc: TrainConfig, log) -> tuple[Di
         model.train()
         total_loss = 0.0
         for idx in torch.randperm(len(train_x), generator=gen).split(tc.batch_size):
-            x = random_shift(train_x[idx], tc.max_shift, gen)
+            x = augment(random_shift(train_x[idx], tc.max_shift, gen), tc, gen)
             loss = F.cross_entropy(model(x), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

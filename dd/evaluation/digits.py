@@ -83,6 +83,43 @@ def load_digits_images(
     return images, torch.from_numpy(labels[idx].copy())
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Corruptions of images in [-1, 1]: the feature network's training augmentations and its validation
+# ---------------------------------------------------------------------------------------------------------------
+def gaussian_blur(images: torch.Tensor, sigma) -> torch.Tensor:
+    """Separable Gaussian blur of [N, C, H, W] with standard deviation ``sigma`` (a number, or [N] per image; 0 =
+    unchanged), replicate padding."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(images.shape[0]).clamp(min=1e-6)
+    r = max(1, int(np.ceil(3 * float(sigma.max()))))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-t[None, :] ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)                                                  # [N, 2r+1]
+    n, c, h, w = images.shape
+    x = F.pad(images, (r, r, r, r), mode="replicate")
+    x = (x.unfold(3, 2 * r + 1, 1) * k[:, None, None, None, :]).sum(-1)           # rows
+    return (x.unfold(2, 2 * r + 1, 1) * k[:, None, None, None, :]).sum(-1)        # columns
+
+
+def pixel_noise(images: torch.Tensor, std, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian pixel noise of standard deviation ``std`` (a number or [N]), clipped to [-1, 1]."""
+    std = torch.as_tensor(std, dtype=torch.float32).expand(images.shape[0]).view(-1, 1, 1, 1)
+    return (images + std * torch.randn(images.shape, generator=generator)).clamp(-1.0, 1.0)
+
+
+def shuffle_patches(images: torch.Tensor, fraction: float, patch: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Broken strokes: at each patch x patch position, a ``fraction`` of the images take that patch from another
+    image (of any class), as a sampler whose tokens ignore each other would compose them."""
+    out = images.clone()
+    n, _, h, w = images.shape
+    for i in range(0, h, patch):
+        for j in range(0, w, patch):
+            take = torch.rand(n, generator=generator) < fraction
+            donor = torch.randperm(n, generator=generator)
+            out[take, :, i:i + patch, j:j + patch] = images[donor][take, :, i:i + patch, j:j + patch]
+    return out
+
+
 def to_uint8(images):
     """Images in [-1, 1] -> uint8 in [0, 255] (round to nearest, clipped). Same kind (torch/numpy) as the input."""
     if isinstance(images, np.ndarray):

@@ -111,6 +111,7 @@ def evaluate_sample_set(
     kid: bool = True,
     prc: bool = True,
     device: str | None = None,
+    splits: int = EvaluationSettings.splits,
     batch_size: int = EvaluationSettings.batch_size,
     seed: int = EvaluationSettings.seed,
     isc_splits: int = EvaluationSettings.isc_splits,
@@ -119,13 +120,16 @@ def evaluate_sample_set(
     prc_neighborhood: int = EvaluationSettings.prc_neighborhood,
     cache_dir=None,
 ) -> dict:
-    """Metrics of the samples against the reference, all computed by ``torch_fidelity.calculate_metrics``.
+    """Metrics of the samples against the reference, computed by torch-fidelity from features extracted once.
 
-    ``samples_npz`` / ``reference``: paths, or already loaded ``SampleSet``s (reference may also be a digits
-    name). KID's subset size is lowered to the smaller set's size when needed (the value used is reported);
-    sets too small for IS splits or the precision/recall neighbourhood are refused with a clear error.
-    Returns {fid, isc_mean, isc_std, kid_mean, kid_std, precision, recall, f_score} (those requested) plus
-    what was measured against what and with which settings.
+    The samples are cut into ``splits`` equal, consecutive parts (independent draws of the same sampler: several
+    sampling seeds in one file) and every metric is computed on each part against the whole reference: the result
+    is the mean over the parts and, for ``splits`` > 1, its standard error ``<metric>_std`` = SD / sqrt(splits)
+    (``per_split`` keeps the values). With one split this is exactly ``torch_fidelity.calculate_metrics``.
+    ``samples_npz`` / ``reference``: paths, or already loaded ``SampleSet``s (reference may also be a digits name).
+    KID's subset size is lowered to half the smaller set's size when needed (the value used is reported); sets too
+    small for IS splits or the precision/recall neighbourhood are refused with a clear error. A sample set that
+    carries ``teacher_nll_bits`` gets that metric (mean per token) and its standard error the same way.
     """
     if not (fid or isc or kid or prc):
         raise ValueError("no metric requested")
@@ -134,13 +138,15 @@ def evaluate_sample_set(
     ref = None
     if need_reference:
         ref = reference if isinstance(reference, SampleSet) else load_reference(reference, like=samples)
-    n1, n2 = len(samples), (len(ref) if ref is not None else 0)
+    if splits < 1 or len(samples) % splits:
+        raise ValueError(f"{len(samples)} samples do not split into {splits} equal parts")
+    n1, n2 = len(samples) // splits, (len(ref) if ref is not None else 0)
 
-    # feasibility checks before any feature extraction
+    # feasibility checks (per part) before any feature extraction
     if fid and min(n1, n2) < 2:
-        raise ValueError(f"FID needs at least 2 images in each set (samples {n1}, reference {n2})")
+        raise ValueError(f"FID needs at least 2 images in each set (samples {n1} per part, reference {n2})")
     if isc and n1 < isc_splits:
-        raise ValueError(f"IS with {isc_splits} splits needs at least {isc_splits} samples, got {n1}; "
+        raise ValueError(f"IS with {isc_splits} splits needs at least {isc_splits} samples, got {n1} per part; "
                          "lower isc_splits")
     if kid:
         # at most half the smaller set: a subset as large as the set is the whole set every time, so
@@ -148,10 +154,10 @@ def evaluate_sample_set(
         kid_subset_size = min(kid_subset_size, n1 // 2, n2 // 2)
         if kid_subset_size < 2:
             raise ValueError(f"KID needs at least 4 images in each set (subsets of half the smaller set; "
-                             f"samples {n1}, reference {n2})")
+                             f"samples {n1} per part, reference {n2})")
     if prc and min(n1, n2) <= prc_neighborhood:
         raise ValueError(f"precision/recall with a {prc_neighborhood}-nearest-neighbour radius needs more than "
-                         f"{prc_neighborhood} images in each set (samples {n1}, reference {n2})")
+                         f"{prc_neighborhood} images in each set (samples {n1} per part, reference {n2})")
     weights_sha = _check_weights(feature_extractor, weights_path)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,23 +186,17 @@ def evaluate_sample_set(
         kwargs["input1_cache_name"] = f"set-{_array_digest(samples.images)}-w-{weights_sha[:16]}"
         if ref is not None:
             kwargs["input2_cache_name"] = f"set-{_array_digest(ref.images)}-w-{weights_sha[:16]}"
-    raw = torch_fidelity.calculate_metrics(**kwargs)
-
-    names = {
-        torch_fidelity.KEY_METRIC_FID: "fid",
-        torch_fidelity.KEY_METRIC_ISC_MEAN: "isc_mean",
-        torch_fidelity.KEY_METRIC_ISC_STD: "isc_std",
-        torch_fidelity.KEY_METRIC_KID_MEAN: "kid_mean",
-        torch_fidelity.KEY_METRIC_KID_STD: "kid_std",
-        torch_fidelity.KEY_METRIC_PRECISION: "precision",
-        torch_fidelity.KEY_METRIC_RECALL: "recall",
-        torch_fidelity.KEY_METRIC_F_SCORE: "f_score",
-    }
-    out = {names[k]: float(v) for k, v in raw.items() if k in names}
+    parts = [_fidelity_metrics(part, ref_features, layers, kwargs)
+             for part, ref_features, layers in _split_features(splits, **kwargs)]
+    if samples.teacher_nll_bits is not None:
+        for part, nll in zip(parts, np.split(samples.teacher_nll_bits, splits)):
+            part["teacher_nll_bits"] = float(nll.mean())
+    out = _mean_and_standard_error(parts)
     out.update(
         samples=samples.source,
         reference=ref.source if ref is not None else None,
-        num_samples=n1,
+        num_samples=len(samples),
+        splits=splits,
         num_reference=n2,
         feature_extractor=feature_extractor,
         weights=None if weights_path is None else str(weights_path),
@@ -205,6 +205,73 @@ def evaluate_sample_set(
                       prc_neighborhood=prc_neighborhood),
         torch_fidelity_version=torch_fidelity.__version__,
     )
+    return out
+
+
+# torch-fidelity's result keys -> ours
+_NAMES = {
+    torch_fidelity.KEY_METRIC_FID: "fid",
+    torch_fidelity.KEY_METRIC_ISC_MEAN: "isc_mean",
+    torch_fidelity.KEY_METRIC_ISC_STD: "isc_std",
+    torch_fidelity.KEY_METRIC_KID_MEAN: "kid_mean",
+    torch_fidelity.KEY_METRIC_KID_STD: "kid_std",
+    torch_fidelity.KEY_METRIC_PRECISION: "precision",
+    torch_fidelity.KEY_METRIC_RECALL: "recall",
+    torch_fidelity.KEY_METRIC_F_SCORE: "f_score",
+}
+
+
+def _split_features(splits: int, **kwargs):
+    """Extract the features of both inputs once (torch-fidelity's extractor, cache and layers) and yield, per part
+    of the samples, (its features, the reference's features, {metric: layer})."""
+    from torch_fidelity.helpers import get_kwarg
+    from torch_fidelity.metric_fid import extract_featuresdict_from_input_id_cached
+    from torch_fidelity.utils import create_feature_extractor, resolve_feature_extractor, \
+        resolve_feature_layer_for_metric
+
+    metrics = [m for m in ("isc", "fid", "kid", "prc") if get_kwarg(m, kwargs)]
+    layers = {m: resolve_feature_layer_for_metric(m, **kwargs) for m in metrics}
+    extractor = create_feature_extractor(resolve_feature_extractor(**kwargs), sorted(set(layers.values())), **kwargs)
+    samples = extract_featuresdict_from_input_id_cached(1, extractor, **kwargs)
+    reference = (extract_featuresdict_from_input_id_cached(2, extractor, **kwargs)
+                 if kwargs.get("input2") is not None else None)
+    n = next(iter(samples.values())).shape[0] // splits
+    for k in range(splits):
+        yield {name: f[k * n:(k + 1) * n] for name, f in samples.items()}, reference, layers
+
+
+def _fidelity_metrics(samples: dict, reference: dict | None, layers: dict, kwargs: dict) -> dict:
+    """torch-fidelity's metrics of one part, from features (the steps of ``calculate_metrics``)."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+    raw = {}
+    if "isc" in layers:
+        raw.update(isc_featuresdict_to_metric(samples, layers["isc"], **kwargs))
+    if "fid" in layers:
+        raw.update(fid_statistics_to_metric(fid_featuresdict_to_statistics(samples, layers["fid"]),
+                                            fid_featuresdict_to_statistics(reference, layers["fid"]), False))
+    if "kid" in layers:
+        raw.update(kid_featuresdict_to_metric(samples, reference, layers["kid"], **kwargs))
+    if "prc" in layers:
+        raw.update(prc_featuresdict_to_metric(samples, reference, layers["prc"], **kwargs))
+    return {_NAMES[k]: float(v) for k, v in raw.items() if k in _NAMES}
+
+
+def _mean_and_standard_error(parts: list[dict]) -> dict:
+    """{metric: mean over the parts, metric_std: its standard error (parts > 1)}, and the parts' values. torch-
+    fidelity's own isc_std / kid_std (a spread within one part) are averaged like the other values; the standard
+    errors of the IS and KID means are isc_mean_std / kid_mean_std."""
+    out: dict = {}
+    for key in parts[0]:
+        values = np.array([p[key] for p in parts], dtype=np.float64)
+        out[key] = float(values.mean())
+        if len(parts) > 1 and key not in ("isc_std", "kid_std"):
+            out[f"{key}_std"] = float(values.std(ddof=1) / np.sqrt(len(values)))
+    if len(parts) > 1:
+        out["per_split"] = {key: [p[key] for p in parts] for key in parts[0]}
     return out
 
 
@@ -254,6 +321,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvaluationSettings()
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--seed", type=int, default=d.seed, help="torch-fidelity rng_seed (IS shuffling, KID subsets)")
+    parser.add_argument("--splits", type=int, default=d.splits,
+                        help="evaluate the samples in this many equal parts: means and standard errors")
     parser.add_argument("--isc-splits", type=int, default=d.isc_splits)
     parser.add_argument("--kid-subsets", type=int, default=d.kid_subsets)
     parser.add_argument("--kid-subset-size", type=int, default=d.kid_subset_size,
@@ -275,7 +344,8 @@ def main(args: argparse.Namespace) -> int:
             samples, args.reference,
             feature_extractor=args.feature_extractor, weights_path=args.weights,
             fid=not args.no_fid, isc=not args.no_isc, kid=not args.no_kid, prc=not args.no_prc,
-            device=args.device, batch_size=args.batch_size, seed=args.seed, isc_splits=args.isc_splits,
+            device=args.device, splits=args.splits, batch_size=args.batch_size, seed=args.seed,
+            isc_splits=args.isc_splits,
             kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
             prc_neighborhood=args.prc_neighborhood, cache_dir=args.cache_dir,
         )
@@ -288,7 +358,7 @@ def main(args: argparse.Namespace) -> int:
                 samples, vs_reference,
                 feature_extractor=args.feature_extractor, weights_path=args.weights,
                 fid=not args.no_fid, isc=False, kid=not args.no_kid, prc=False,
-                device=args.device, batch_size=args.batch_size, seed=args.seed,
+                device=args.device, splits=args.splits, batch_size=args.batch_size, seed=args.seed,
                 kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, cache_dir=args.cache_dir,
             )
             if "classifier_accuracy" in metrics:

@@ -4,6 +4,9 @@
   message rather than guessed, since an image 3 pixels high would be ambiguous.
 * ``labels``: integer [N] (int64 when we write it), the class each image was generated for. Optional for the
   metrics, required for ``classifier_accuracy``.
+* ``teacher_nll_bits``: float [N], optional: each image's token sequence's mean negative log2-likelihood per token
+  under the teacher's sampling distribution (``dd.method.sample.teacher_nll_bits``), for the ``teacher_nll_bits``
+  column of the tables.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class SampleSet:
     images: np.ndarray  # uint8 [N, 3, H, W]
     labels: np.ndarray | None  # int64 [N]
     source: str  # file path or digits reference name, for messages and the metrics file
+    teacher_nll_bits: np.ndarray | None = None  # float64 [N]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -50,8 +54,18 @@ class UInt8Images(Dataset):
 
 
 def check_sample_arrays(images, labels, source: str, *, require_labels: bool = False,
-                        num_classes: int | None = None) -> SampleSet:
-    """Validate (images, labels) against the sample set format; raise SampleSetError naming ``source``."""
+                        num_classes: int | None = None, teacher_nll_bits=None) -> SampleSet:
+    """Validate (images, labels[, teacher_nll_bits]) against the sample set format; raise SampleSetError naming
+    ``source``."""
+    if teacher_nll_bits is not None:
+        nll = teacher_nll_bits
+        if not isinstance(nll, np.ndarray) or not np.issubdtype(nll.dtype, np.floating) or nll.shape != (len(images),):
+            raise SampleSetError(f"{source}: 'teacher_nll_bits' must be float [{len(images)}] to match 'images', got "
+                                 f"{getattr(nll, 'dtype', type(nll))} {list(getattr(nll, 'shape', []))}")
+        sample_set = check_sample_arrays(images, labels, source, require_labels=require_labels,
+                                         num_classes=num_classes)
+        sample_set.teacher_nll_bits = nll.astype(np.float64)
+        return sample_set
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         dtype = getattr(images, "dtype", type(images).__name__)
         raise SampleSetError(f"{source}: 'images' must be uint8 in [0, 255], got {dtype} "
@@ -96,26 +110,27 @@ def load_sample_set(path, *, require_labels: bool = False, num_classes: int | No
         try:
             images = archive["images"]
             labels = archive["labels"] if "labels" in archive.files else None
+            nll = archive["teacher_nll_bits"] if "teacher_nll_bits" in archive.files else None
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:  # corrupt member, pickled object array
             raise SampleSetError(f"{path}: corrupt .npz member ({type(e).__name__}: {e})") from e
-    return check_sample_arrays(images, labels, str(path), require_labels=require_labels, num_classes=num_classes)
+    return check_sample_arrays(images, labels, str(path), require_labels=require_labels, num_classes=num_classes,
+                               teacher_nll_bits=nll)
 
 
-def write_sample_set(path, images, labels=None) -> None:
+def write_sample_set(path, images, labels=None, teacher_nll_bits=None) -> None:
     """Write a sample set atomically. ``images``: uint8 [N, 3, H, W], or float in [-1, 1] (converted)."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    images = np.asarray(images)
+    def numpy(x):
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else (None if x is None else np.asarray(x))
+
+    images, labels, nll = numpy(images), numpy(labels), numpy(teacher_nll_bits)
     if np.issubdtype(images.dtype, np.floating):
         images = to_uint8(images)
-    sample_set = check_sample_arrays(images, None if labels is None else np.asarray(labels), str(path))
+    sample_set = check_sample_arrays(images, labels, str(path), teacher_nll_bits=nll)
     arrays = {"images": sample_set.images}
     if sample_set.labels is not None:
         arrays["labels"] = sample_set.labels
+    if sample_set.teacher_nll_bits is not None:
+        arrays["teacher_nll_bits"] = sample_set.teacher_nll_bits
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
-
-

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EvaluationSettings:
+    splits: int = 1                 # parts of a sample set, each evaluated alone: the metrics' standard errors
     batch_size: int = 250           # feature-extraction batch
     seed: int = 2020                # torch-fidelity's rng_seed (IS shuffling, KID subsets)
     isc_splits: int = 10            # IS splits

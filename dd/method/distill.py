@@ -26,7 +26,7 @@ from torch import nn
 
 from dd.io import JsonlLogger, atomic_torch_save, read_checkpoint, remove_stale_temps
 from dd.method.pairs import PairSet, read_index
-from dd.method.settings import DistillConfig, timestep_problem
+from dd.method.settings import EMB_LOSSES, DistillConfig, timestep_problem
 from dd.method.student import perturb
 from dd.method.teacher import Teacher
 
@@ -81,6 +81,37 @@ def build_lpips(cfg: DistillConfig, device) -> nn.Module:
         model.net.load_state_dict(mapped)
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+class ClassifierPerceptualLoss(nn.Module):
+    """LPIPS's recipe on the digits classifier instead of VGG: the activations of its three convolutions, each
+    unit-normalised over channels, squared differences summed over channels, averaged over positions, summed over
+    layers (LPIPS's learned per-channel weights have no digits counterpart, so every channel weighs one). The
+    classifier sees the images without its input low-pass: the student is pushed towards sharp strokes."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.net = classifier.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[B] distances between image batches x, y in [-1, 1]."""
+        total = x.new_zeros(x.shape[0])
+        for a, b in zip(self.net.feature_maps(x, low_pass=False), self.net.feature_maps(y, low_pass=False)):
+            a = a / (a.norm(dim=1, keepdim=True) + 1e-10)
+            b = b / (b.norm(dim=1, keepdim=True) + 1e-10)
+            total = total + (a - b).pow(2).sum(1).mean((1, 2))
+        return total
+
+
+def build_perceptual(cfg: DistillConfig, device) -> nn.Module | None:
+    """The image-space distance of the embedding loss (None for "mse", which compares embeddings)."""
+    if cfg.emb_loss == "lpips":
+        return build_lpips(cfg, device)
+    if cfg.emb_loss == "classifier":
+        from dd.evaluation.classifier import load_classifier
+
+        return ClassifierPerceptualLoss(load_classifier(cfg.perceptual_classifier)).to(device)
+    return None
 
 
 def distill_losses(student: nn.Module, teacher: Teacher, cfg: DistillConfig, labels, tokens, noise, t_idx,
@@ -227,7 +258,7 @@ def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: Pai
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
     ema = EMA(student)
-    lpips_model = build_lpips(cfg, device) if cfg.emb_loss == "lpips" else None
+    lpips_model = build_perceptual(cfg, device)
     step = 0
     if resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
@@ -344,9 +375,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grad-clip", type=float, default=d.grad_clip)
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
     parser.add_argument("--ema-warmup", action="store_true")
-    parser.add_argument("--emb-loss", choices=["lpips", "mse"], default=d.emb_loss)
+    parser.add_argument("--emb-loss", choices=EMB_LOSSES, default=d.emb_loss)
     parser.add_argument("--lpips-net", choices=["vgg", "alex", "squeeze"], default=d.lpips_net)
     parser.add_argument("--lpips-backbone", default=None, help="local torchvision backbone weights (else random)")
+    parser.add_argument("--perceptual-classifier", default=None,
+                        help="--emb-loss classifier: the digits classifier checkpoint whose features it compares")
     parser.add_argument("--ce-weight", type=float, default=d.ce_weight)
     parser.add_argument("--emb-weight", type=float, default=d.emb_weight)
     parser.add_argument("--lambda-t", type=float, nargs="+", default=None, help="loss weight per timestep")
@@ -368,6 +401,7 @@ def config_from_args(args) -> DistillConfig:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ce_weight=args.ce_weight, emb_weight=args.emb_weight,
         emb_loss=args.emb_loss, lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone,
+        perceptual_classifier=args.perceptual_classifier,
         lambda_t=args.lambda_t, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, amp=not args.no_amp)
 

@@ -108,6 +108,26 @@ def onestep_star_sample(table: torch.Tensor, labels: torch.Tensor, generator=Non
 
 
 # --------------------------------------------------------------------------------------------------
+# The distillation gap in bits: how likely the teacher finds a sample set's token sequences
+# --------------------------------------------------------------------------------------------------
+# A token the teacher's sampler cannot draw (removed by top-k / top-p) has probability 0. Its NLL is taken under
+# the mixture (1 - NLL_SMOOTHING) p + NLL_SMOOTHING / V: at most log2(V / NLL_SMOOTHING) bits (26 bits at V = 64),
+# while the NLL of a token the teacher can draw changes by a relative 1e-6 at most.
+NLL_SMOOTHING = 1e-6
+
+
+@torch.no_grad()
+def teacher_nll_bits(teacher: Teacher, idx: torch.Tensor, labels: torch.Tensor,
+                     sampling: SamplingConfig) -> torch.Tensor:
+    """[B] mean negative log2-likelihood per token of each sequence idx [B, n] under the teacher's own sampling
+    distribution (CFG and filtering included). The teacher's own samples give its entropy rate; sequences it would
+    rarely produce (onestep*'s incoherent combinations) score higher."""
+    p = teacher.token_probs(idx, labels, sampling).double()
+    V = teacher.codebook.shape[0]
+    return -torch.log2((1 - NLL_SMOOTHING) * p + NLL_SMOOTHING / V).mean(1)
+
+
+# --------------------------------------------------------------------------------------------------
 # CLI: python -m dd sample
 # --------------------------------------------------------------------------------------------------
 METHODS = ("teacher", "dd", "dd-teacher", "skip", "onestep")
@@ -204,39 +224,44 @@ def main(args) -> int:
     C = teacher.codebook.shape[1]
 
     def run_batch(labels, g):
+        """(images, network passes, parameters, the final token vectors [B, n, C]; None for skip-n, whose images
+        lack the skipped tokens)."""
         if args.method == "teacher":
             emb, steps = teacher_sample(teacher, labels, sampling, g)
-            return teacher.decode_embeddings(emb), steps, ar_params
+            return teacher.decode_embeddings(emb), steps, ar_params, emb
         if args.method == "skip":
             emb, steps = skip_sample(teacher, labels, args.skip, sampling, g)
-            return teacher.decode_prefix(emb), steps, ar_params
+            return teacher.decode_prefix(emb), steps, ar_params, None
         if args.method == "onestep":
             idx, steps = onestep_star_sample(table, labels, g)
-            return teacher.decode_indices(idx.to(device)), steps, 0
+            emb = teacher.embed(idx.to(device))
+            return teacher.decode_embeddings(emb), steps, 0, emb
         noise = torch.randn(len(labels), teacher.n_tokens, C, generator=g).to(device)
         if args.method == "dd":
             x, steps = dd_sample(student, teacher, labels, noise, args.steps, split)
-            return teacher.decode_embeddings(x), steps, _n_params(student)
+            return teacher.decode_embeddings(x), steps, _n_params(student), x
         x, steps = dd_teacher_sample(student, teacher, labels, noise, args.start, args.second, split, sampling, g)
-        return teacher.decode_embeddings(x), steps, _n_params(student) + ar_params
+        return teacher.decode_embeddings(x), steps, _n_params(student) + ar_params, x
 
     all_labels = torch.arange(args.num) % teacher.num_classes
     g = torch.Generator().manual_seed(args.seed)
     run_batch(all_labels[: args.batch_size].to(device), torch.Generator().manual_seed(args.seed + 1))  # warm-up
-    images, elapsed = [], 0.0
+    images, nll, elapsed = [], [], 0.0
     for b in range(0, args.num, args.batch_size):
         labels = all_labels[b: b + args.batch_size].to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
-            img, steps, params = run_batch(labels, g)
+            img, steps, params, seq = run_batch(labels, g)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
         images.append(img.cpu())
+        if seq is not None:   # outside the timed region: the distillation-gap metric, not part of sampling
+            nll.append(teacher_nll_bits(teacher, nearest_code_matmul(seq, teacher.codebook), labels, sampling).cpu())
     images = torch.cat(images)
-    write_sample_set(args.out, images, all_labels)
+    write_sample_set(args.out, images, all_labels, teacher_nll_bits=torch.cat(nll) if nll else None)
     save_grid_png(images, all_labels, Path(args.out).with_suffix(".png"), nrow=10)
     meta = {"method": args.method, "steps": steps, "seconds_per_image": elapsed / args.num,
             "batch_size": args.batch_size, "params": params, "num": args.num, "teacher_id": teacher_id,

@@ -39,6 +39,9 @@ class PairSettings:
     order: int = 3                  # multistep DPM-Solver++ order
 
 
+EMB_LOSSES = ("lpips", "classifier", "mse")
+
+
 @dataclass
 class DistillConfig:
     timesteps: list[int] = field(default_factory=lambda: [1])  # paper notation: 1 = the first AR step
@@ -53,9 +56,10 @@ class DistillConfig:
     ema_warmup: bool = False          # decay min(ema_decay, (1+s)/(10+s)): useful for short runs
     ce_weight: float = 0.1
     emb_weight: float = 1.0
-    emb_loss: str = "lpips"           # "lpips" | "mse"
+    emb_loss: str = "lpips"           # "lpips" | "classifier" (LPIPS's recipe on the digits classifier) | "mse"
     lpips_net: str = "vgg"
     lpips_backbone: str | None = None  # local torchvision state_dict of the backbone; None = random backbone
+    perceptual_classifier: str | None = None  # emb_loss "classifier": the digits classifier checkpoint
     lambda_t: list[float] | None = None  # per-timestep loss weight, default 1
     epochs: float = 1.0
     max_steps: int | None = None
@@ -68,8 +72,10 @@ class DistillConfig:
         problem = timestep_problem(self.timesteps)
         if problem:
             raise ValueError(f"timesteps: {problem}")
-        if self.emb_loss not in ("lpips", "mse"):
-            raise ValueError(f"emb_loss must be 'lpips' or 'mse', got {self.emb_loss!r}")
+        if self.emb_loss not in EMB_LOSSES:
+            raise ValueError(f"emb_loss must be one of {', '.join(EMB_LOSSES)}, got {self.emb_loss!r}")
+        if self.emb_loss == "classifier" and not self.perceptual_classifier:
+            raise ValueError("emb_loss 'classifier' needs perceptual_classifier (a digits classifier checkpoint)")
         if self.lambda_t is not None and len(self.lambda_t) != len(self.timesteps):
             raise ValueError(f"lambda_t needs one weight per timestep ({len(self.timesteps)}), got {self.lambda_t}")
         if self.batch_size <= 0 or self.lr <= 0:

@@ -142,6 +142,19 @@ class Teacher(nn.Module, ABC):
             self.append(state, idx)
         return torch.cat(state.tokens, dim=1)
 
+    @torch.no_grad()
+    def token_probs(self, idx: torch.Tensor, labels: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """[B, n_tokens] probability of each token of ``idx`` [B, n_tokens] under the distribution ``sample``
+        draws it from (CFG, temperature and filtering included), given the tokens before it: one teacher-forced
+        pass per step through the same KV-cached interface."""
+        state = self.begin(labels, sampling)
+        out = []
+        for begin, end in self.step_bounds:
+            tokens = idx[:, begin:end].to(self.codebook.device)
+            out.append(self.next_probs(state).gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self.append(state, tokens)
+        return torch.cat(out, dim=1)
+
     # --- tokens <-> embeddings <-> images -------------------------------------------------------
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """[..., n] indices -> [..., n, C] codebook vectors."""

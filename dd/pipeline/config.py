@@ -322,10 +322,12 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
         if ev["feature_weights_url"] is None:
             problems.append((f"{k}.evaluation.feature_weights_url", "inception-v3-compat needs its weights: give "
                              "their pinned https URL (nothing is downloaded at run time)"))
-    for what in ("isc_splits",):
-        if sample["num"] < ev[what]:
-            problems.append((f"{k}.sample.num", f"{sample['num']} samples cannot be split into "
-                             f"evaluation.{what} = {ev[what]} parts"))
+    if sample["num"] % ev["splits"]:
+        problems.append((f"{k}.sample.num", f"{sample['num']} samples do not split into evaluation.splits = "
+                         f"{ev['splits']} equal parts; use a multiple of {ev['splits']}"))
+    elif sample["num"] // ev["splits"] < ev["isc_splits"]:
+        problems.append((f"{k}.sample.num", f"{sample['num'] // ev['splits']} samples per evaluation part cannot be "
+                         f"split into evaluation.isc_splits = {ev['isc_splits']} parts"))
 
     # ablations
     ab = exp["ablations"]

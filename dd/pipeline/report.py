@@ -11,8 +11,11 @@ the data; its ``vs_teacher`` part, when present, against the teacher's own sampl
 ``DIR/tables/table2.{csv,md}`` (teacher and the teacher-involved pre-trained-n-m sets: paper Table 2).
 
 Column names are an interface (other tools read the tables): ``teacher, method, steps, fid, is, precision,
-recall, seconds_per_image, speedup``, then ``kid, fid_vs_teacher, classifier_accuracy, params, batch_size, num,
-set``. ``method`` is ``teacher``, ``skip-<n>``, ``onestep*``, ``dd`` (``steps`` says 1 or 2) or
+recall, teacher_nll_bits, seconds_per_image, speedup``, each metric followed by its standard error ``<metric>_std``
+(over the evaluation's parts: equal, independently sampled parts of the sample set, ``evaluation.splits``; empty
+with one part), then ``kid, fid_vs_teacher (+ _std), classifier_accuracy, params, batch_size, num, set``.
+``teacher_nll_bits`` is the teacher's mean negative log2-likelihood per token of the set's token sequences under
+its own sampling distribution (``dd.method.sample.teacher_nll_bits``; empty for skip-n, whose images lack tokens). ``method`` is ``teacher``, ``skip-<n>``, ``onestep*``, ``dd`` (``steps`` says 1 or 2) or
 ``dd-teacher-<n>-<m>`` (the paper's pre-trained-n-m); ``speedup`` = the teacher's seconds per image / the row's.
 """
 from __future__ import annotations
@@ -28,8 +31,9 @@ import pandas as pd
 
 from dd.io import atomic_write_bytes, atomic_write_text
 
-COLUMNS = ["teacher", "method", "steps", "fid", "is", "precision", "recall", "seconds_per_image", "speedup",
-           "kid", "fid_vs_teacher", "classifier_accuracy", "params", "batch_size", "num", "set"]
+COLUMNS = ["teacher", "method", "steps", "fid", "fid_std", "is", "is_std", "precision", "precision_std", "recall",
+           "recall_std", "teacher_nll_bits", "teacher_nll_bits_std", "seconds_per_image", "speedup",
+           "kid", "fid_vs_teacher", "fid_vs_teacher_std", "classifier_accuracy", "params", "batch_size", "num", "set"]
 FID_KEYS = ("eval/fid_1step", "eval/fid_2step")
 
 
@@ -74,9 +78,14 @@ def collect_rows(result_dir: str | Path, sets: list[str], teacher: str) -> pd.Da
         vs = metrics.get("vs_teacher") or {}          # FID against the teacher's own samples (same job)
         rows.append({
             "teacher": teacher, "method": method_of(name), "steps": info.get("steps"),
-            "fid": metrics.get("fid"), "is": metrics.get("isc_mean"), "precision": metrics.get("precision"),
-            "recall": metrics.get("recall"), "seconds_per_image": info.get("seconds_per_image"), "speedup": None,
-            "kid": metrics.get("kid_mean"), "fid_vs_teacher": vs.get("fid"),
+            "fid": metrics.get("fid"), "fid_std": metrics.get("fid_std"),
+            "is": metrics.get("isc_mean"), "is_std": metrics.get("isc_mean_std"),
+            "precision": metrics.get("precision"), "precision_std": metrics.get("precision_std"),
+            "recall": metrics.get("recall"), "recall_std": metrics.get("recall_std"),
+            "teacher_nll_bits": metrics.get("teacher_nll_bits"),
+            "teacher_nll_bits_std": metrics.get("teacher_nll_bits_std"),
+            "seconds_per_image": info.get("seconds_per_image"), "speedup": None,
+            "kid": metrics.get("kid_mean"), "fid_vs_teacher": vs.get("fid"), "fid_vs_teacher_std": vs.get("fid_std"),
             "classifier_accuracy": metrics.get("classifier_accuracy"), "params": info.get("params"),
             "batch_size": info.get("batch_size"), "num": info.get("num", metrics.get("num_samples")), "set": name,
         })
@@ -170,6 +179,8 @@ def fig_fid_vs_time(tables: list[str | Path], out: str | Path, title: str = "") 
         kind = "dd-teacher" if m.startswith("dd-teacher") else "skip" if m.startswith("skip-") else m
         color, marker = styles.get(kind, ("tab:purple", "d"))
         ax.scatter(row["seconds_per_image"], row["fid"], c=color, marker=marker, s=60)
+        if "fid_std" in row and pd.notna(row["fid_std"]):   # +-2 standard errors
+            ax.errorbar(row["seconds_per_image"], row["fid"], yerr=2 * row["fid_std"], c=color, capsize=3, lw=1)
         ax.annotate(label_of(row), (row["seconds_per_image"], row["fid"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")

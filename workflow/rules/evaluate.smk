@@ -7,7 +7,8 @@ localrules: track_samples
 
 def evaluation_options(wildcards):
     ev, device = exp_config(wildcards)["evaluation"], DEVICE
-    return (f"--feature-extractor {ev['feature_extractor']} --device {device} --batch-size {ev['batch_size']}"
+    return (f"--feature-extractor {ev['feature_extractor']} --device {device} --splits {ev['splits']}"
+            f" --batch-size {ev['batch_size']}"
             f" --isc-splits {ev['isc_splits']} --kid-subsets {ev['kid_subsets']}")
 
 
