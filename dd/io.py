@@ -126,8 +126,9 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Any:
 
 # Checkpoints we ship for others to load (the tiny release files) are safetensors: tensors and a flat str -> str
 # metadata map, nothing executable. A checkpoint dict {"model": state_dict, key: JSON-able value, ...} is stored as
-# the state dict's tensors and one JSON string per other key.
+# the state dict's tensors and the other keys as one JSON string (metadata key "dd_checkpoint").
 SAFETENSORS_FORMAT = "dd-checkpoint/1"
+SAFETENSORS_KEY = "dd_checkpoint"
 
 
 def write_safetensors(path, checkpoint: dict, float16: bool = False) -> None:
@@ -138,8 +139,10 @@ def write_safetensors(path, checkpoint: dict, float16: bool = False) -> None:
 
     tensors = {k: (v.half() if float16 and v.is_floating_point() else v).contiguous()
                for k, v in checkpoint["model"].items()}
-    metadata = {k: json.dumps(v, sort_keys=True) for k, v in checkpoint.items() if k != "model"}
-    metadata["format"] = SAFETENSORS_FORMAT
+    # one metadata entry: safetensors writes its metadata map in hash order, so several keys would make two writes of
+    # the same checkpoint differ in their bytes (a retrain could then never reproduce a shipped file exactly)
+    fields = {k: v for k, v in checkpoint.items() if k != "model"}
+    metadata = {SAFETENSORS_KEY: json.dumps({"format": SAFETENSORS_FORMAT, **fields}, sort_keys=True)}
     assert all(isinstance(t, torch.Tensor) for t in tensors.values())
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
@@ -155,10 +158,12 @@ def read_safetensors(path) -> dict:
     except (SafetensorError, ValueError, OSError) as e:
         raise ArtefactError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e}); truncated or corrupt") \
             from None
-    if metadata.get("format") != SAFETENSORS_FORMAT:
-        raise ArtefactError(f"{path}: not a dd checkpoint (metadata format {metadata.get('format')!r}, "
-                            f"expected {SAFETENSORS_FORMAT!r})")
-    out = {k: json.loads(v) for k, v in metadata.items() if k != "format"}
+    try:
+        out = json.loads(metadata[SAFETENSORS_KEY])
+        assert out.pop("format") == SAFETENSORS_FORMAT
+    except (KeyError, ValueError, AssertionError):
+        raise ArtefactError(f"{path}: not a dd checkpoint (no {SAFETENSORS_KEY!r} metadata of format "
+                            f"{SAFETENSORS_FORMAT!r})") from None
     out["model"] = tensors
     return out
 

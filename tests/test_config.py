@@ -88,20 +88,20 @@ BAD_VALUES = [
     ("experiments.tiny_var.teacher.family", "diffusion", ["family", "var"]),             # unknown family
     ("experiments.tiny_var.teacher.name", "var_d99", ["name"]),                          # unknown teacher
     ("experiments.tiny_var.teacher.name", "llamagen_b", ["llamagen", "family"]),         # teacher of another family
-    ("experiments.tiny_var.teacher.tiny_config", "config/tiny/nope.yaml", ["tiny_config", "not found"]),  # missing file
-    ("experiments.tiny_var.teacher.tiny_config", "config/tiny/llamagen.yaml", ["tiny_config", "llamagen"]),  # wrong file
+    ("experiments.tiny_var.teacher.name", "tiny_llamagen", ["llamagen", "family"]),      # digits teacher of another family
+    ("experiments.tiny_var.evaluation.splits", 3, ["splits"]),                           # parts do not divide the set
     ("experiments.tiny_var.distill.timesteps", [2, 3], ["timesteps"]),                   # not starting at step 1
-    ("experiments.tiny_var.distill.timesteps", [1, 9], ["timesteps", "last step 4"]),    # beyond the last step
+    ("experiments.tiny_var.distill.timesteps", [1, 9], ["timesteps", "last step 6"]),    # beyond the last step
     ("experiments.tiny_var.distill.timesteps", [1, 3, 2], ["timesteps"]),                # not increasing
     ("experiments.tiny_var.distill.lr", 0, ["lr"]),                                      # zero learning rate
     ("experiments.tiny_var.distill.ema_decay", 1.5, ["ema_decay"]),                      # out of [0, 1)
     ("experiments.tiny_var.distill.emb_loss", "l1", ["emb_loss", "lpips"]),              # unknown loss
     ("experiments.tiny_var.sample.dd_steps", [3], ["dd_steps"]),                         # more steps than timesteps
-    ("experiments.tiny_var.sample.skip", [4], ["skip"]),                                 # skips every step
-    ("experiments.tiny_var.sample.dd_teacher_starts", [3], ["dd_teacher_starts"]),       # starts at/after m
+    ("experiments.tiny_var.sample.skip", [6], ["skip"]),                                 # skips every step
+    ("experiments.tiny_var.sample.dd_teacher_starts", [4], ["dd_teacher_starts"]),       # starts at/after m
     ("experiments.tiny_var.evaluation.reference", "fid_imagenet256", ["reference"]),     # wrong reference
     ("experiments.tiny_var.ablations.pair_set_sizes", [800], ["pair_set_sizes"]),        # not whole shards
-    ("experiments.tiny_var.ablations.timesteps", [[1, 3]], ["already distilled"]),       # duplicate run
+    ("experiments.tiny_var.ablations.timesteps", [[1, 4]], ["already distilled"]),       # duplicate run
     ("mlflow.enabled", "yes", ["mlflow.enabled"]),                                       # string for boolean
 ]
 
@@ -141,7 +141,7 @@ def test_missing_or_invalid_config_files(tmp_path):
 
 @pytest.mark.skipif(not (REPO / "Snakefile").exists(), reason="no Snakefile")
 def test_snakemake_dry_run_fails_before_any_job_naming_the_key(tmp_path):
-    bad = mutated("experiments.tiny_var.distill.timesteps", [1, 7])
+    bad = mutated("experiments.tiny_var.distill.timesteps", [1, 9])
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(REPO / "Snakefile"),
@@ -149,7 +149,7 @@ def test_snakemake_dry_run_fails_before_any_job_naming_the_key(tmp_path):
                        capture_output=True, text=True, timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode != 0
-    assert "experiments.tiny_var.distill.timesteps" in out and "last step 4" in out, out[-3000:]
+    assert "experiments.tiny_var.distill.timesteps" in out and "last step 6" in out, out[-3000:]
     assert "Job stats" not in out
     assert not (tmp_path / "work" / "results").exists()
 

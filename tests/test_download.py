@@ -24,8 +24,8 @@ import huggingface_hub.utils._http
 import pytest
 
 from dd.__main__ import main as cli_main
-from dd.pipeline.download import (REGISTRY, ChecksumError, DownloadError, _record_in_lock, download, expected_sha256,
-                                  read_lock, verify_file)
+from dd.pipeline.download import (REGISTRY, SHIPPED_DIR, ChecksumError, DownloadError, ShippedRelease, _record_in_lock,
+                                  download, expected_sha256, read_lock, verify_file)
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = bytes(range(256)) * 200  # 51200 bytes, several read chunks
@@ -658,6 +658,9 @@ def test_registry_is_consistent():
     assert len(set(urls)) == len(urls)
     for name, release in REGISTRY.items():
         assert release.name == name
+        if isinstance(release, ShippedRelease):   # releases/tiny/: pinned by its lock file, in this checkout
+            assert release.sha256 and release.url == (SHIPPED_DIR / release.filename).as_uri()
+            continue
         assert release.url.startswith(EXPECTED_HOSTS), release.url
         assert release.url.endswith("/" + release.filename)
         assert release.url == f"https://huggingface.co/{release.repo}/resolve/{release.revision}/{release.path}"
@@ -670,7 +673,24 @@ def test_registry_urls_match_the_golden_readmes():
     from conftest import golden_dir
 
     text = "".join((golden_dir(family) / "README.md").read_text() for family in ("llamagen", "var"))
-    for release in REGISTRY.values():
+    for release in (r for r in REGISTRY.values() if not isinstance(r, ShippedRelease)):
         # the READMEs spell some URLs as "<base>/<file>" templates
         base = release.url[: -len(release.filename)]
         assert release.url in text or (base + "<file>" in text and release.filename in text), release.url
+
+
+def test_shipped_files_are_obtained_like_releases_and_a_replaced_one_is_refused(tmp_path, monkeypatch):
+    """The embedded default's teachers come through the same download path as released checkpoints: copied out of
+    releases/tiny/ and checked against its lock; a replaced or damaged file gives an error naming it, and nothing is
+    written under the final name."""
+    import dd.pipeline.download as dl
+
+    path = download("tiny_var_tokenizer", tmp_path / "a", lock_file=tmp_path / "lock.json", progress=False)
+    assert path.read_bytes() == (SHIPPED_DIR / "tiny_var_tokenizer.safetensors").read_bytes()
+    fake = tmp_path / "shipped"
+    fake.mkdir()
+    (fake / "tiny_var_tokenizer.safetensors").write_bytes(b"not the shipped file")
+    monkeypatch.setattr(dl, "SHIPPED_DIR", fake)
+    with pytest.raises(ChecksumError, match=r"tiny_var_tokenizer.*SHA-256 mismatch"):
+        download("tiny_var_tokenizer", tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -249,23 +250,37 @@ def load_classifier(path, device="cpu") -> DigitsClassifier:
     return model.to(device).eval().requires_grad_(False)
 
 
+def load_yaml_config(path) -> tuple[ClassifierConfig, TrainConfig]:
+    """(model config, training config) of a YAML with sections ``model`` and ``train`` (config/tiny/classifier.yaml);
+    an unknown key is an error naming it."""
+    import yaml
+
+    from dd.families.base import config_from_dict
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(data) - {"model", "train"}
+    if unknown:
+        raise ArtefactError(f"{path}: unknown sections {sorted(unknown)}; allowed: model, train")
+    return config_from_dict(ClassifierConfig, data.get("model", {})), config_from_dict(TrainConfig, data.get("train", {}))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--out", required=True, help="checkpoint path to write (atomically)")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--image-size", type=int, default=ClassifierConfig.image_size,
-                        help="input resolution (the digits are upsampled to it)")
-    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads while training")
+    parser.add_argument("--config", type=Path, help="YAML with model / train sections (default: the dataclasses')")
+    parser.add_argument("--epochs", type=int, help=f"override (default {d.epochs})")
+    parser.add_argument("--seed", type=int, help=f"override (default {d.seed})")
+    parser.add_argument("--image-size", type=int, help="input resolution (the digits are upsampled to it)")
+    parser.add_argument("--threads", type=int, help=f"torch CPU threads while training (default {d.threads})")
 
 
 def main(args: argparse.Namespace) -> int:
-    _, heldout = train_classifier(
-        args.out,
-        epochs=args.epochs,
-        seed=args.seed,
-        config=ClassifierConfig(image_size=args.image_size),
-        train_config=TrainConfig(threads=args.threads),
-    )
+    config, train_config = load_yaml_config(args.config) if args.config else (ClassifierConfig(), TrainConfig())
+    if args.image_size is not None:
+        config = replace(config, image_size=args.image_size)
+    if args.threads is not None:
+        train_config = replace(train_config, threads=args.threads)
+    _, heldout = train_classifier(args.out, epochs=args.epochs, seed=args.seed, config=config,
+                                  train_config=train_config)
     print(f"wrote {args.out}; held-out accuracy {heldout:.4f}")
     return 0

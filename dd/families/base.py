@@ -40,9 +40,12 @@ class Release:
 
 @dataclass(frozen=True)
 class ReleasedTeacher:
-    steps: int         # AR steps of the released model at 256x256
-    tokenizer: str     # release names (see ``Family.releases``)
+    steps: int         # AR steps of the released model
+    tokenizer: str     # release names (``Family.releases``, or files shipped in releases/tiny/)
     model: str
+    image_size: int = 256
+    domain: str = "imagenet"    # what it generates: "imagenet" (FID against ImageNet) or "digits" (the default's)
+    original_format: bool = True  # the original code's files (the family's loaders); False: our own checkpoints
 
 
 @dataclass(frozen=True)

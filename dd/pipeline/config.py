@@ -28,9 +28,7 @@ import yaml
 
 from dd.evaluation.settings import EvaluationSettings
 from dd.families.base import ReleasedStudent, ReleasedTeacher
-from dd.families.loading import tiny_steps
 from dd.families.registry import FAMILIES, get_family
-from dd.io import ArtefactError
 from dd.method.settings import DistillConfig, PairSettings, SampleSettings, timestep_problem
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,46 +205,20 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
     k = f"experiments.{name}"
     teacher = exp["teacher"]
     family, tname = teacher["family"], teacher["name"]
-    steps = None
-
-    if tname == "tiny":
-        if "tiny_config" not in teacher:
-            problems.append((f"{k}.teacher.tiny_config", "required when teacher.name is tiny "
-                             "(e.g. config/tiny/var.yaml)"))
-        else:
-            path = resolve_path(teacher["tiny_config"], base_dir)
-            if not path.is_file():
-                problems.append((f"{k}.teacher.tiny_config", f"file not found: {teacher['tiny_config']}"))
-            else:
-                try:
-                    tiny = yaml.safe_load(path.read_text())
-                    if tiny.get("family") != family:
-                        problems.append((f"{k}.teacher.tiny_config", f"{teacher['tiny_config']} describes a "
-                                         f"{tiny.get('family')!r} teacher but teacher.family is {family!r}"))
-                    steps = tiny_steps(tiny)
-                except (yaml.YAMLError, KeyError, TypeError, AttributeError, ArtefactError) as e:
-                    problems.append((f"{k}.teacher.tiny_config", f"{teacher['tiny_config']} is not a tiny teacher "
-                                     f"config ({type(e).__name__}: {e})"))
-        if "released_student" in teacher:
-            problems.append((f"{k}.teacher.released_student", "only released teachers have released DD students; "
-                             "remove it or name a released teacher"))
-    else:
-        released_family, released = released_teachers()[tname]
-        steps = released.steps
-        if released_family != family:
-            problems.append((f"{k}.teacher.name", f"{tname!r} is a {released_family} teacher but teacher.family is "
-                             f"{family!r}; {family} teachers: " + ", ".join(get_family(family).released_teachers)))
-        if "tiny_config" in teacher:
-            problems.append((f"{k}.teacher.tiny_config", f"only for teacher.name tiny, not {tname!r}"))
-        if "released_student" in teacher:
-            student = released_students()[teacher["released_student"]]
-            student_teacher, student_steps = student.teacher, list(student.timesteps)
-            if student_teacher != tname:
-                problems.append((f"{k}.teacher.released_student", f"{teacher['released_student']!r} was distilled "
-                                 f"from {student_teacher!r}, not from {tname!r}"))
-            elif "distill" in exp and exp["distill"]["timesteps"] != student_steps:
-                problems.append((f"{k}.distill.timesteps", f"{exp['distill']['timesteps']} differs from the "
-                                 f"timesteps {student_steps} that {teacher['released_student']} was distilled with"))
+    released_family, released = released_teachers()[tname]
+    steps = released.steps
+    if released_family != family:
+        problems.append((f"{k}.teacher.name", f"{tname!r} is a {released_family} teacher but teacher.family is "
+                         f"{family!r}; {family} teachers: " + ", ".join(get_family(family).released_teachers)))
+    if "released_student" in teacher:
+        student = released_students()[teacher["released_student"]]
+        if student.teacher != tname:
+            problems.append((f"{k}.teacher.released_student", f"{teacher['released_student']!r} was distilled "
+                             f"from {student.teacher!r}, not from {tname!r}"))
+        elif "distill" in exp and exp["distill"]["timesteps"] != list(student.timesteps):
+            problems.append((f"{k}.distill.timesteps", f"{exp['distill']['timesteps']} differs from the "
+                             f"timesteps {list(student.timesteps)} that {teacher['released_student']} was distilled "
+                             "with"))
 
     released_student = teacher.get("released_student")
     sample = exp["sample"]
@@ -276,7 +248,7 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
         ts_ok = steps is not None and _check_timesteps(f"{k}.distill.timesteps", ts, steps, problems)
         if released_student is None and (distill["epochs"] is None) == (distill["max_steps"] is None):
             problems.append((f"{k}.distill", "set exactly one of epochs and max_steps (the training length)"))
-        if distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"] is None and tname != "tiny":
+        if distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"] is None and released.domain != "digits":
             problems.append((f"{k}.distill.lpips_backbone_url", "LPIPS on a released teacher needs the backbone "
                              "weights: give their pinned https URL (or use emb_loss: mse)"))
 
@@ -304,18 +276,22 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
     if not sample["teacher"] and (sample["skip"] or sample["dd_teacher_starts"]):
         problems.append((f"{k}.sample.teacher", "the speedup columns need the teacher row: set sample.teacher: true"))
 
+    if distill is not None and distill["emb_loss"] == "classifier" and exp["evaluation"]["reference"] != "digits":
+        problems.append((f"{k}.distill.emb_loss", "the classifier perceptual loss uses the digits classifier: "
+                         "only for the digits teachers (reference digits)"))
+
     # evaluation
     ev = exp["evaluation"]
     if ev["reference"] == "digits":
-        if tname != "tiny":
-            problems.append((f"{k}.evaluation.reference", f"digits is the reference of tiny teachers; {tname} "
+        if released.domain != "digits":
+            problems.append((f"{k}.evaluation.reference", f"digits is the reference of the digits teachers; {tname} "
                              "generates ImageNet images: use fid_imagenet256"))
         if ev["feature_extractor"] != "digits-classifier":
             problems.append((f"{k}.evaluation.feature_extractor", "the digits reference is measured with the "
                              "digits-classifier"))
     else:
-        if tname == "tiny":
-            problems.append((f"{k}.evaluation.reference", "a tiny teacher generates digits: use reference digits"))
+        if released.domain == "digits":
+            problems.append((f"{k}.evaluation.reference", f"{tname} generates digits: use reference digits"))
         if ev["feature_extractor"] != "inception-v3-compat":
             problems.append((f"{k}.evaluation.feature_extractor", "fid_imagenet256 holds Inception statistics: "
                              "use inception-v3-compat"))

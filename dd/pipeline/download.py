@@ -75,11 +75,47 @@ class UrlRelease:
     description: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class ShippedRelease:
+    """A file this project ships in ``releases/tiny/`` (the embedded default's teachers and digits classifier), pinned
+    by the SHA-256 that ``releases/tiny/lock.json`` records; "downloading" it copies it out of the checkout and
+    verifies it. ``sha256`` is None when the lock file does not list it (not shipped in this checkout)."""
+
+    name: str
+    sha256: str | None
+    description: str = ""
+    nesting: str = "safetensors: the state dict's tensors, the rest as JSON strings in the metadata"
+    revision: str = "this checkout"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.safetensors"
+
+    @property
+    def url(self) -> str:
+        return (SHIPPED_DIR / self.filename).as_uri()
+
+
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "releases" / "tiny"
+SHIPPED_LOCK = SHIPPED_DIR / "lock.json"
+DIGITS_CLASSIFIER = "digits_classifier_16"
+
+
+def shipped_releases(lock_file: Path = SHIPPED_LOCK) -> list[ShippedRelease]:
+    """The shipped files: every family's digits teacher (tokenizer and transformer) and the digits classifier, with
+    the digests ``releases/tiny/lock.json`` records."""
+    entries = json.loads(lock_file.read_text())["files"] if lock_file.is_file() else {}
+    names = [DIGITS_CLASSIFIER] + [name for f in FAMILIES.values() for t in f.released_teachers.values()
+                                   if not t.original_format for name in (t.tokenizer, t.model)]
+    return [ShippedRelease(name, entries.get(name, {}).get("sha256"), entries.get(name, {}).get("description", ""))
+            for name in names]
+
+
 # the released files of every family, and the FID statistic of the DD evaluation
 _FID_STATISTIC = Release("fid_imagenet256", "microsoft/distilled_decoding", "ImageNet-256_FID_Statistic/statistic.pth",
                          "ImageNet-256 reference statistic for FID, as used by the DD evaluation scripts",
                          '{"m": mean (2048,), "s": covariance (2048, 2048)} of Inception pool3 features')
-_RELEASES = [*(r for f in FAMILIES.values() for r in f.releases), _FID_STATISTIC]
+_RELEASES = [*(r for f in FAMILIES.values() for r in f.releases), _FID_STATISTIC, *shipped_releases()]
 REGISTRY: dict[str, Release] = {r.name: r for r in _RELEASES}
 assert len(REGISTRY) == len(_RELEASES), "duplicate release name"
 
@@ -389,6 +425,13 @@ def download(url_or_name: str, dest: str | os.PathLike, *, sha256: str | None = 
     # through the Hub cache, which tells the commit.
     if dest.exists() and not force and (lock_file is None or not on_hub or commit):
         actual = check(dest)
+    elif isinstance(release, ShippedRelease):
+        if release.sha256 is None or not (SHIPPED_DIR / release.filename).is_file():
+            raise DownloadError(f"{release.name}: {SHIPPED_DIR / release.filename} is not shipped in this checkout "
+                                f"(no entry in {SHIPPED_LOCK} or no file); `snakemake tiny_teachers` trains it")
+        actual = _install(dest, lambda tmp: shutil.copyfile(SHIPPED_DIR / release.filename, tmp), check,
+                          f"{release.name} ({SHIPPED_DIR / release.filename})",
+                          hint=f"; the file in the checkout does not match {SHIPPED_LOCK} (replaced or damaged?)")
     elif on_hub:
         cached, commit = _fetch_from_hub(release, commit or release.revision, force=force, progress=progress)
         actual = _install(dest, lambda tmp: _link_or_copy(cached, tmp), check,

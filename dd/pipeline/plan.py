@@ -9,10 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from dd.families.loading import tiny_steps
-from dd.pipeline.config import released_students, released_teachers, resolve_path
+from dd.pipeline.config import released_students, released_teachers
+from dd.pipeline.download import DIGITS_CLASSIFIER
 
 CHECKPOINTS = "resources/checkpoints"
 DIGITS_DIR = "results/digits"
@@ -44,13 +42,13 @@ class DistillRun:
 class Plan:
     name: str
     family: str
-    teacher_name: str  # tiny or a released name
+    teacher_name: str  # a released teacher (the tables' teacher column)
     teacher_label: str  # the tables' teacher column
     steps: int  # the teacher's AR steps
     image_size: int
     tokenizer: str
     model: str
-    released: bool
+    released: bool  # the teacher files are in the original code's format
     student_file: str | None  # released DD student, else None
     shards: list[str]
     runs: dict[str, DistillRun]
@@ -80,17 +78,9 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
         downloads[path] = name_or_url
         return path
 
-    if tname == "tiny":
-        tiny_path = resolve_path(teacher["tiny_config"], base_dir)
-        tiny = yaml.safe_load(tiny_path.read_text())
-        steps, image_size = tiny_steps(tiny), tiny["image_size"]
-        tokenizer, model = f"results/{name}/teacher/tokenizer.pt", f"results/{name}/teacher/ar.pt"
-        label = f"{family}-tiny"
-    else:
-        _, released = released_teachers()[tname]
-        steps, image_size = released.steps, 256
-        tokenizer, model = fetch(released.tokenizer), fetch(released.model)
-        label = tname
+    _, released = released_teachers()[tname]
+    steps, image_size = released.steps, released.image_size
+    tokenizer, model = fetch(released.tokenizer), fetch(released.model)
     student_file = fetch(teacher["released_student"]) if "released_student" in teacher else None
 
     sample = exp["sample"]
@@ -136,13 +126,13 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
     ev = exp["evaluation"]
     if ev["reference"] == "digits":
         reference = f"{DIGITS_DIR}/reference_{image_size}.npz"
-        weights = f"{DIGITS_DIR}/classifier_{image_size}.pt"
+        weights = fetch(DIGITS_CLASSIFIER)     # the shipped feature network of the digits (releases/tiny/)
     else:
         reference = fetch(ev["reference"])
         weights = fetch(ev["feature_weights_url"])
     if student_file is None and distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"]:
         fetch(distill["lpips_backbone_url"])
-    return Plan(name=name, family=family, teacher_name=tname, teacher_label=label, steps=steps,
-                image_size=image_size, tokenizer=tokenizer, model=model, released=tname != "tiny",
+    return Plan(name=name, family=family, teacher_name=tname, teacher_label=tname, steps=steps,
+                image_size=image_size, tokenizer=tokenizer, model=model, released=released.original_format,
                 student_file=student_file, shards=shards, runs=runs, sets=sets, reference=reference,
                 feature_weights=weights, downloads=downloads)

@@ -1,7 +1,12 @@
-"""Training of the tiny embedded-default tokenizer and AR teacher of each family, on the CPU.
+"""The tiny embedded-default teachers: training each family's tokenizer and AR teacher on the CPU, and turning them
+(with the digits classifier) into the release files this project ships in ``releases/tiny/``.
 
 ``python -m dd train-tokenizer --config config/tiny/llamagen.yaml --out tokenizer.pt``
 ``python -m dd train-teacher --config config/tiny/llamagen.yaml --tokenizer tokenizer.pt --out teacher.pt``
+``python -m dd release-tiny --classifier C.pt --teacher llamagen=TOK.pt,AR.pt ... --out DIR``
+
+``snakemake tiny_teachers`` runs all of it (see workflow/rules/teachers.smk); copying its ``release/`` folder to
+``releases/tiny/`` publishes a new version.
 
 The config file holds ``family``, ``image_size`` and two sections, ``tokenizer`` and ``teacher``,
 each with ``arch`` (the model configuration: the same classes as the released models, only the
@@ -23,10 +28,11 @@ from dd.evaluation.classifier import random_shift
 from dd.evaluation.digits import load_digits_images, save_grid_png
 from dd.families import loading as families
 from dd.families.registry import get_family
+from dd.io import atomic_write_json
 from dd.method.teacher import SamplingConfig
 
 TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "seed": 0, "max_shift": 1,
-                  "grad_clip": 1.0}
+                  "grad_clip": 1.0, "schedule": "constant"}   # schedule: constant | cosine (decay to 0 over training)
 
 
 def load_config(path: Path) -> dict:
@@ -67,9 +73,17 @@ def _epochs(images, labels, settings, step_fn, desc):
     return stats
 
 
-def _optimiser(model, settings):
-    return torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95),
-                             weight_decay=settings["weight_decay"])
+def _optimiser(model, settings, n_images: int):
+    """AdamW, and the learning-rate schedule to step after every optimiser step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95),
+                            weight_decay=settings["weight_decay"])
+    if settings["schedule"] not in ("constant", "cosine"):
+        raise ValueError(f"train.schedule must be constant or cosine, got {settings['schedule']!r}")
+    total = settings["epochs"] * -(-n_images // settings["batch_size"])
+    cosine = settings["schedule"] == "cosine"
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s, total) / total)).item()) if cosine else 1.0)
+    return opt, sched
 
 
 def train_tokenizer(cfg: dict, out: Path) -> dict:
@@ -77,7 +91,7 @@ def train_tokenizer(cfg: dict, out: Path) -> dict:
     torch.manual_seed(settings["seed"])
     tok = families.build_tokenizer(cfg["family"], cfg["tokenizer"]["arch"]).train()
     images, labels = load_digits_images(cfg["image_size"], "train")
-    opt = _optimiser(tok, settings)
+    opt, sched = _optimiser(tok, settings, len(images))
 
     def step(x, _):
         loss, stats = tok.training_loss(x)
@@ -85,6 +99,7 @@ def train_tokenizer(cfg: dict, out: Path) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tok.parameters(), settings["grad_clip"])
         opt.step()
+        sched.step()
         return stats
 
     t0 = time.perf_counter()
@@ -118,7 +133,7 @@ def train_teacher(cfg: dict, tokenizer_path: Path, out: Path, classifier: Path |
     ar = families.build_ar(family, cfg["teacher"]["arch"], tok, cfg["image_size"]).train()
     teacher = families.make_teacher(family, tok, ar)
     images, labels = load_digits_images(cfg["image_size"], "train")
-    opt = _optimiser(ar, settings)
+    opt, sched = _optimiser(ar, settings, len(images))
 
     def step(x, y):
         with torch.no_grad():
@@ -128,6 +143,7 @@ def train_teacher(cfg: dict, tokenizer_path: Path, out: Path, classifier: Path |
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ar.parameters(), settings["grad_clip"])
         opt.step()
+        sched.step()
         return {"ce": loss.item()}
 
     t0 = time.perf_counter()
@@ -164,7 +180,85 @@ def check_teacher(teacher, train_images, cfg, out: Path, classifier: Path | None
     return report
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Release files
+# ---------------------------------------------------------------------------------------------------------------
+FLOAT16_CHECK_SAMPLES = 500   # sequences that must come out identical with float16-rounded weights
+
+
+def _float16_round_trip(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose floating-point weights went through float16 and back (what loading a float16 file gives)."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        for t in list(twin.parameters()) + list(twin.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return twin
+
+
+@torch.no_grad()
+def float16_changes_no_sample(family: str, tokenizer, ar, seed: int = 0) -> dict:
+    """Whether storing the teacher in float16 changes any sample: the same seeded draws (CFG 2.0, the family's
+    filtering) with float32 and with float16-rounded weights must give the same token sequences, and the decoder the
+    same uint8 images."""
+    from dd.evaluation.digits import to_uint8
+
+    teacher = families.make_teacher(family, tokenizer, ar).eval()
+    rounded = families.make_teacher(family, _float16_round_trip(tokenizer), _float16_round_trip(ar)).eval()
+    sampling = get_family(family).default_sampling(2.0)
+    labels = torch.arange(FLOAT16_CHECK_SAMPLES) % teacher.num_classes
+    a = teacher.sample(labels, sampling, torch.Generator().manual_seed(seed))
+    b = rounded.sample(labels, sampling, torch.Generator().manual_seed(seed))
+    same_tokens = int((a == b).all(1).sum())
+    same_images = int((to_uint8(teacher.decode_indices(a)) == to_uint8(rounded.decode_indices(a))).flatten(1).all(1).sum())
+    return {"samples": FLOAT16_CHECK_SAMPLES, "same_tokens": same_tokens, "same_images": same_images,
+            "float16": same_tokens == FLOAT16_CHECK_SAMPLES and same_images == FLOAT16_CHECK_SAMPLES}
+
+
+def release_tiny(classifier: Path, teachers: dict[str, tuple[Path, Path]], out: Path) -> dict:
+    """Write the release files (safetensors) and ``lock.json`` (name -> file, SHA-256, size, dtype) into ``out``.
+    Each teacher's tokenizer and transformer go to float16 where ``float16_changes_no_sample``; the classifier stays
+    float32 (its features are the FID, to every digit)."""
+    from dd.evaluation.classifier import load_checkpoint as load_classifier_checkpoint
+    from dd.io import read_checkpoint, sha256_file, write_safetensors
+
+    out = Path(out)
+    entries, checks = {}, {}
+
+    def ship(name: str, checkpoint: dict, float16: bool, description: str) -> None:
+        # nothing run-specific in a release file (training time), so that a retrain can reproduce it bit for bit
+        if "report" in checkpoint:
+            checkpoint = {**checkpoint, "report": {k: v for k, v in checkpoint["report"].items()
+                                                   if k != "train_seconds"}}
+        path = out / f"{name}.safetensors"
+        write_safetensors(path, checkpoint, float16=float16)
+        entries[name] = {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size,
+                         "dtype": "float16" if float16 else "float32", "description": description}
+
+    ship("digits_classifier_16", load_classifier_checkpoint(classifier), False,
+         "digits classifier: the embedded default's feature network (FID / IS / precision / recall)")
+    for family, (tok_path, ar_path) in sorted(teachers.items()):
+        _, tok = families.load_tokenizer(tok_path)
+        ar = families.load_ar(ar_path, tok, family)
+        checks[family] = float16_changes_no_sample(family, tok, ar)
+        half = checks[family]["float16"]
+        ship(f"tiny_{family}_tokenizer", read_checkpoint(tok_path), half, f"tiny {family} tokenizer (digits)")
+        ship(f"tiny_{family}_ar", read_checkpoint(ar_path), half, f"tiny {family} AR teacher (digits)")
+    lock = {"files": entries, "float16_check": checks}
+    atomic_write_json(out / "lock.json", lock)
+    return lock
+
+
 def add_arguments_for(name: str, parser) -> None:
+    if name == "release-tiny":
+        parser.add_argument("--classifier", type=Path, required=True, help="digits classifier checkpoint")
+        parser.add_argument("--teacher", action="append", default=[], metavar="FAMILY=TOKENIZER,AR",
+                            help="a family's trained tokenizer and teacher checkpoints (repeat per family)")
+        parser.add_argument("--out", type=Path, required=True, help="folder for the release files and lock.json")
+        parser.add_argument("--threads", type=int, default=1)
+        return
     parser.add_argument("--config", type=Path, required=True, help="tiny-model YAML (config/tiny/*.yaml)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (a .png grid is written beside it)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -176,6 +270,16 @@ def add_arguments_for(name: str, parser) -> None:
 def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.command == "release-tiny":
+        teachers = {}
+        for item in args.teacher:
+            family, _, paths = item.partition("=")
+            tok, _, ar = paths.partition(",")
+            if not (family and tok and ar):
+                raise SystemExit(f"release-tiny: --teacher expects FAMILY=TOKENIZER,AR, got {item!r}")
+            teachers[family] = (Path(tok), Path(ar))
+        print(json.dumps(release_tiny(args.classifier, teachers, args.out), indent=2))
+        return 0
     cfg = load_config(args.config)
     if args.command == "train-tokenizer":
         train_tokenizer(cfg, args.out)

@@ -8,7 +8,6 @@ rerun simply records again (a job's child run is replaced, never duplicated).
 Every record is built here from the experiment's plan (``dd.pipeline.plan``) and the results layout; the rules
 only say which stage to record:
 
-    python -m dd track teacher  --experiment E --experiment-config JSON --out RECORD.json
     python -m dd track shards   --experiment E --experiment-config JSON --out RECORD.json
     python -m dd track distill  --experiment E --experiment-config JSON --run main --out RECORD.json
     python -m dd track samples  --experiment E --experiment-config JSON --out RECORD.json
@@ -141,18 +140,6 @@ def log_run(store, experiment: str, spec: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # What each stage records, from the plan and the results layout
 # ---------------------------------------------------------------------------------------------------------------
-def teacher_specs(p: Plan, exp: dict) -> list[dict]:
-    """A child run per trained tiny model: its training report, sample grid, time and memory."""
-    specs = []
-    for what, stem in (("tokenizer", "tokenizer"), ("teacher", "ar")):
-        report = p.out("teacher", f"{stem}.json")
-        specs.append({"job": f"teacher/{what}", "tags": {"stage": "teacher", "family": p.family},
-                      "params": {"config": exp["teacher"]["tiny_config"]}, "metrics_json": {"": report},
-                      "benchmark": p.out("benchmarks", "teacher", f"train_{what}.tsv"),
-                      "artifacts": [[p.out("teacher", f"{stem}.png"), None]]})
-    return specs
-
-
 def shard_specs(p: Plan) -> list[dict]:
     """A child run per pair shard: its manifest as params, its size, time and memory."""
     index = read_json(p.out("pairs", "index.json"))
@@ -210,7 +197,7 @@ def ablation_figures(p: Plan) -> list[str]:
            ([p.out("figures", "fig7_fid_vs_progress_pair_sets.png")] if "pairs" in kinds else [])
 
 
-KINDS = ("teacher", "shards", "distill", "samples", "parent", "runs")
+KINDS = ("shards", "distill", "samples", "parent", "runs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -227,8 +214,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_specs(what: str, p: Plan, exp: dict, run: str | None = None) -> list[dict]:
-    if what == "teacher":
-        return teacher_specs(p, exp)
     if what == "shards":
         return shard_specs(p)
     if what == "distill":

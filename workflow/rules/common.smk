@@ -41,6 +41,7 @@ wildcard_constraints:
     set=_alternatives(s for p in PLANS.values() for s in p.sets),
     size=r"\d+",
     filename=_alternatives(Path(f).name for f in DOWNLOADS),
+    family=_alternatives(config["tiny_teachers"]["configs"]),
 
 
 def P(wildcards):

@@ -14,7 +14,7 @@ def distill_inputs(wildcards):
     p, run = P(wildcards), distill_run(wildcards)
     d = exp_config(wildcards)["distill"]
     inputs = {**teacher_inputs(wildcards), "index": p.out("pairs", "index.json"), "shards": run.shards}
-    if run.eval_every:
+    if run.eval_every or d["emb_loss"] == "classifier":
         inputs.update(reference=p.reference, classifier=p.feature_weights)
     if d["emb_loss"] == "lpips" and d["lpips_backbone_url"]:
         inputs["lpips_backbone"] = download_path(d["lpips_backbone_url"])
@@ -31,6 +31,8 @@ def distill_options(wildcards, input):
             f"--emb-weight {d['emb_weight']}", f"--checkpoint-every {d['checkpoint_every']}", f"--seed {d['seed']}"]
     if d["ema_warmup"]:
         opts.append("--ema-warmup")
+    if d["emb_loss"] == "classifier":   # the perceptual loss on the digits classifier's features
+        opts.append(f"--perceptual-classifier {input.classifier}")
     if "lpips_backbone" in input.keys():
         opts.append(f"--lpips-backbone {input.lpips_backbone}")
     if run.eval_every:

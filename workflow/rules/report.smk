@@ -116,8 +116,6 @@ def track_report_inputs(wildcards):
               "runs": [p.out("mlflow", "samples.json")] + [p.out("mlflow", f"distill-{r}.json") for r in p.runs]}
     if p.shards:
         inputs["runs"].append(p.out("mlflow", "pairs.json"))
-    if not p.released:
-        inputs["runs"].append(p.out("mlflow", "teacher.json"))
     return inputs
 
 

@@ -1,27 +1,13 @@
-# Teacher acquisition: train the tiny tokenizer/teacher (and the digits classifier that plays Inception's part)
-# for the embedded default, or download the released files (teachers, DD students, FID statistic, weights).
+# Teacher acquisition: every teacher, tokenizer, DD student and weight file is a released file, obtained by the
+# `download` rule (the Hugging Face Hub for the paper's models; releases/tiny/ in this checkout for the embedded
+# default's digits teachers and classifier), verified against its SHA-256. `snakemake tiny_teachers` retrains the
+# shipped digits files from config/tiny/*.yaml into results/tiny_teachers/release/.
 
-localrules: download, track_teacher
-
-
-rule train_classifier:
-    """The digits classifier: feature network of FID / IS / precision / recall on the digits."""
-    output:
-        "results/digits/classifier_{size}.pt",
-    log:
-        "results/digits/logs/train_classifier_{size}.log",
-    benchmark:
-        "results/digits/benchmarks/train_classifier_{size}.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=20,
-    shell:
-        "{PY} train-classifier --out {output} --image-size {wildcards.size} --threads {threads} > {log} 2>&1"
+localrules: download
 
 
 rule digits_reference:
-    """The digits (train split) at the teachers' resolution: the FID reference of the tiny teachers."""
+    """The digits (train split) at the teachers' resolution: the FID reference of the digits teachers."""
     output:
         "results/digits/reference_{size}.npz",
     log:
@@ -36,54 +22,8 @@ rule digits_reference:
         "{PY} digits-reference --size {wildcards.size} --out {output} > {log} 2>&1"
 
 
-def tiny_config(wildcards):
-    return str(ddconfig.resolve_path(exp_config(wildcards)["teacher"]["tiny_config"], REPO))
-
-
-rule train_tokenizer:
-    input:
-        config=tiny_config,
-    output:
-        checkpoint="results/{experiment}/teacher/tokenizer.pt",
-        report="results/{experiment}/teacher/tokenizer.json",
-        grid="results/{experiment}/teacher/tokenizer.png",
-    log:
-        "results/{experiment}/logs/teacher/train_tokenizer.log",
-    benchmark:
-        "results/{experiment}/benchmarks/teacher/train_tokenizer.tsv"
-    threads: stage_threads("train")
-    resources:
-        mem_mb=stage_resource("train", "mem_mb"),
-        runtime=stage_resource("train", "runtime"),
-    shell:
-        "{PY} train-tokenizer --config {input.config} --out {output.checkpoint} --threads {threads}"
-        " > {output.report} 2> {log}"
-
-
-rule train_teacher:
-    input:
-        config=tiny_config,
-        tokenizer="results/{experiment}/teacher/tokenizer.pt",
-        classifier=lambda wc: f"results/digits/classifier_{P(wc).image_size}.pt",
-    output:
-        checkpoint="results/{experiment}/teacher/ar.pt",
-        report="results/{experiment}/teacher/ar.json",
-        grid="results/{experiment}/teacher/ar.png",
-    log:
-        "results/{experiment}/logs/teacher/train_teacher.log",
-    benchmark:
-        "results/{experiment}/benchmarks/teacher/train_teacher.tsv"
-    threads: stage_threads("train")
-    resources:
-        mem_mb=stage_resource("train", "mem_mb"),
-        runtime=stage_resource("train", "runtime"),
-    shell:
-        "{PY} train-teacher --config {input.config} --tokenizer {input.tokenizer} --classifier {input.classifier}"
-        " --out {output.checkpoint} --threads {threads} > {output.report} 2> {log}"
-
-
 rule download:
-    """A released file (registry name or pinned URL) into resources/checkpoints/, verified against the lock file."""
+    """A released file (registry name or pinned URL) into resources/checkpoints/, verified against its SHA-256."""
     output:
         "resources/checkpoints/{filename}",
     params:
@@ -101,22 +41,115 @@ rule download:
         " --no-progress > {log} 2>&1"
 
 
-rule track_teacher:
-    """MLflow: a child run per trained tiny model (its training report and sample grid)."""
+# ---------------------------------------------------------------------------------------------------------------
+# snakemake tiny_teachers: retrain the shipped digits files (not part of the default run)
+# ---------------------------------------------------------------------------------------------------------------
+TINY = "results/tiny_teachers"
+
+
+def tiny_config(wildcards):
+    return str(ddconfig.resolve_path(config["tiny_teachers"]["configs"][wildcards.family], REPO))
+
+
+rule tiny_teachers:
+    """The release files (and lock.json) of the digits classifier and every family's tiny teacher."""
     input:
-        tokenizer="results/{experiment}/teacher/tokenizer.json",
-        teacher="results/{experiment}/teacher/ar.json",
+        f"{TINY}/release/lock.json",
+        f"{TINY}/release/feature_validation.json",
+
+
+rule train_classifier:
+    """The digits classifier: feature network of FID / IS / precision / recall on the digits."""
+    input:
+        config=lambda wc: str(ddconfig.resolve_path(config["tiny_teachers"]["classifier"], REPO)),
     output:
-        "results/{experiment}/mlflow/teacher.json",
-    params:
-        track=lambda wc: track_cmd("teacher", wc),
+        f"{TINY}/digits_classifier_16.pt",
     log:
-        "results/{experiment}/logs/mlflow/teacher.log",
+        f"{TINY}/logs/train_classifier.log",
     benchmark:
-        "results/{experiment}/benchmarks/mlflow/teacher.tsv"
+        f"{TINY}/benchmarks/train_classifier.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=2000,
+        runtime=60,
     shell:
-        "{params.track} --out {output} > {log} 2>&1"
+        "{PY} train-classifier --config {input.config} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule train_tokenizer:
+    input:
+        config=tiny_config,
+    output:
+        checkpoint=f"{TINY}/{{family}}/tokenizer.pt",
+        report=f"{TINY}/{{family}}/tokenizer.json",
+        grid=f"{TINY}/{{family}}/tokenizer.png",
+    log:
+        f"{TINY}/logs/{{family}}/train_tokenizer.log",
+    benchmark:
+        f"{TINY}/benchmarks/{{family}}/train_tokenizer.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=600,
+    shell:
+        "{PY} train-tokenizer --config {input.config} --out {output.checkpoint} --threads {threads}"
+        " > {output.report} 2> {log}"
+
+
+rule train_teacher:
+    input:
+        config=tiny_config,
+        tokenizer=f"{TINY}/{{family}}/tokenizer.pt",
+        classifier=f"{TINY}/digits_classifier_16.pt",
+    output:
+        checkpoint=f"{TINY}/{{family}}/ar.pt",
+        report=f"{TINY}/{{family}}/ar.json",
+        grid=f"{TINY}/{{family}}/ar.png",
+    log:
+        f"{TINY}/logs/{{family}}/train_teacher.log",
+    benchmark:
+        f"{TINY}/benchmarks/{{family}}/train_teacher.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=1200,
+    shell:
+        "{PY} train-teacher --config {input.config} --tokenizer {input.tokenizer} --classifier {input.classifier}"
+        " --out {output.checkpoint} --threads {threads} > {output.report} 2> {log}"
+
+
+rule release_tiny:
+    """Safetensors release files (float16 where no sample changes) and their lock file."""
+    input:
+        classifier=f"{TINY}/digits_classifier_16.pt",
+        tokenizers=expand(f"{TINY}/{{family}}/tokenizer.pt", family=sorted(config["tiny_teachers"]["configs"])),
+        teachers=expand(f"{TINY}/{{family}}/ar.pt", family=sorted(config["tiny_teachers"]["configs"])),
+    output:
+        f"{TINY}/release/lock.json",
+    params:
+        teachers=lambda wc: " ".join(f"--teacher {f}={TINY}/{f}/tokenizer.pt,{TINY}/{f}/ar.pt"
+                                     for f in sorted(config["tiny_teachers"]["configs"])),
+    log:
+        f"{TINY}/logs/release_tiny.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "{PY} release-tiny --classifier {input.classifier} {params.teachers} --out {TINY}/release > {log} 2>&1"
+
+
+rule validate_features:
+    """Does FID with the classifier rank what people see? (floor, corruption curves)"""
+    input:
+        f"{TINY}/digits_classifier_16.pt",
+    output:
+        f"{TINY}/release/feature_validation.json",
+    log:
+        f"{TINY}/logs/validate_features.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    shell:
+        "{PY} validate-features --weights {input} --out {output} > {log} 2>&1"

@@ -17,7 +17,12 @@ class LlamaGenFamily(Family):
     name = "llamagen"
     default_top_k, default_top_p = 0, 1.0        # LlamaGen's FID setting: no filtering
     tokenizer_config, ar_config, student_config = VQConfig, GPTConfig, DDConfig
-    released_teachers = {f"llamagen_{s}": ReleasedTeacher(256, "llamagen_vq16", f"llamagen_{s}") for s in "bl"}
+    released_teachers = {
+        **{f"llamagen_{s}": ReleasedTeacher(256, "llamagen_vq16", f"llamagen_{s}") for s in "bl"},
+        # the embedded default's teacher, shipped in releases/tiny/ (trained by `snakemake tiny_teachers`)
+        "tiny_llamagen": ReleasedTeacher(64, "tiny_llamagen_tokenizer", "tiny_llamagen_ar", image_size=16,
+                                         domain="digits", original_format=False),
+    }
     released_students = {f"dd_llamagen_{s}": ReleasedStudent(f"llamagen_{s}", (1, 81)) for s in "bl"}
     releases = (
         Release("llamagen_vq16", _LLAMAGEN, "vq_ds16_c2i.pt",

@@ -16,7 +16,12 @@ class VARFamily(Family):
     name = "var"
     default_top_k, default_top_p = 900, 0.96     # VAR's FID setting
     tokenizer_config, ar_config, student_config = VQVAEConfig, VARConfig, VARStudentConfig
-    released_teachers = {f"var_d{d}": ReleasedTeacher(10, "vae_var", f"var_d{d}") for d in (16, 20, 24)}
+    released_teachers = {
+        **{f"var_d{d}": ReleasedTeacher(10, "vae_var", f"var_d{d}") for d in (16, 20, 24)},
+        # the embedded default's teacher, shipped in releases/tiny/ (trained by `snakemake tiny_teachers`)
+        "tiny_var": ReleasedTeacher(6, "tiny_var_tokenizer", "tiny_var_ar", image_size=16,
+                                         domain="digits", original_format=False),
+    }
     released_students = {f"dd_var_d{d}": ReleasedStudent(f"var_d{d}", (1, 6)) for d in (16, 20, 24)}
     releases = (
         Release("vae_var", _VAR, "vae_ch160v4096z32.pth", "VAR multi-scale VQVAE, codebook 4096x32",
