@@ -52,6 +52,9 @@ def test_every_shipped_file_matches_the_lock_and_the_size_limit():
 def test_shipped_teacher_draws_class_consistent_digits(name):
     teacher, released = tiny_teacher(name)
     assert teacher.n_steps == released.steps and teacher.image_size == released.image_size
+    # the config that retrains it (snakemake tiny_teachers) describes the same token layout
+    family = TINY[name][0]
+    assert loading.tiny_steps(yaml.safe_load((REPO / "config" / "tiny" / f"{family}.yaml").read_text())) == released.steps
     labels = torch.arange(300) % 10
     sampling = FAMILIES[TINY[name][0]].default_sampling(2.0)
     images = teacher.decode_indices(teacher.sample(labels, sampling, torch.Generator().manual_seed(0)))

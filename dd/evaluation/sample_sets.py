@@ -57,15 +57,17 @@ def check_sample_arrays(images, labels, source: str, *, require_labels: bool = F
                         num_classes: int | None = None, teacher_nll_bits=None) -> SampleSet:
     """Validate (images, labels[, teacher_nll_bits]) against the sample set format; raise SampleSetError naming
     ``source``."""
-    if teacher_nll_bits is not None:
-        nll = teacher_nll_bits
+    sample_set = _check_images_and_labels(images, labels, source, require_labels, num_classes)
+    nll = teacher_nll_bits
+    if nll is not None:
         if not isinstance(nll, np.ndarray) or not np.issubdtype(nll.dtype, np.floating) or nll.shape != (len(images),):
             raise SampleSetError(f"{source}: 'teacher_nll_bits' must be float [{len(images)}] to match 'images', got "
                                  f"{getattr(nll, 'dtype', type(nll))} {list(getattr(nll, 'shape', []))}")
-        sample_set = check_sample_arrays(images, labels, source, require_labels=require_labels,
-                                         num_classes=num_classes)
         sample_set.teacher_nll_bits = nll.astype(np.float64)
-        return sample_set
+    return sample_set
+
+
+def _check_images_and_labels(images, labels, source: str, require_labels: bool, num_classes: int | None) -> SampleSet:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         dtype = getattr(images, "dtype", type(images).__name__)
         raise SampleSetError(f"{source}: 'images' must be uint8 in [0, 255], got {dtype} "
