@@ -63,8 +63,8 @@ def test_every_golden_file_verifies():
         results = golden_llamagen.verify(blob, path)
         bad = [r.line() for r in results if not r.ok]
         assert not bad, f"{path.name}: " + "; ".join(bad)
-        assert len(results) > 10
-    assert kinds == {"llamagen-vq", "llamagen-gpt", "llamagen-dd"}
+        assert len(results) >= 7, f"{path.name}: only {len(results)} cases checked"
+    assert kinds == {"llamagen-vq", "llamagen-gpt", "llamagen-gpt-t2i", "llamagen-dd"}
 
 
 def test_release_manifests_match_state_dict_keys_shapes_dtypes():
@@ -76,9 +76,11 @@ def test_release_manifests_match_state_dict_keys_shapes_dtypes():
         model = golden_llamagen.model_from_manifest(m)
         assert all(p.is_meta for p in model.parameters())
         ours = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
-        ref = {e["key"]: (e["shape"], e["dtype"]) for e in m["state_dict"]}
+        ref = golden_llamagen.manifest_entries(m)
         assert ours == ref, f"{path.name}: differs in {sorted(set(ours) ^ set(ref))[:5]}"
-        assert sum(p.numel() for p in model.parameters()) == m["num_parameters"]
+        # the text-to-image manifest ("entries") counts the null-caption buffer too (its README says so)
+        counted = model.state_dict().values() if "entries" in m else model.parameters()
+        assert sum(p.numel() for p in counted) == m["num_parameters"], path.name
 
 
 def test_release_configs_are_inferred_from_weights():
@@ -168,6 +170,71 @@ def test_prefix_prefill_is_one_pass_and_repeatable(teacher):
     assert calls == [6, 1]  # class token + 5 tokens in one pass, then one position
     torch.testing.assert_close(p1, p2)
     assert state.step == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# text-to-image GPT (caption positions, left padding, caption mask, null caption)
+# --------------------------------------------------------------------------------------------------
+T2I_GPT = GPTConfig(model_type="t2i", dim=32, n_layer=2, n_head=2, n_kv_head=1, vocab_size=32, block_size=16,
+                    caption_dim=12, cls_token_num=120, multiple_of=32)
+
+
+@pytest.fixture(scope="module")
+def t2i_gpt() -> GPT:
+    torch.manual_seed(0)
+    gpt = GPT(T2I_GPT)
+    randomise(gpt, 2)
+    return gpt.eval().requires_grad_(False)
+
+
+def left_padded_captions(valid: list[int], dim: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    caption, mask = torch.zeros(len(valid), 120, dim), torch.zeros(len(valid), 120)
+    for b, n in enumerate(valid):
+        caption[b, 120 - n:] = torch.randn(n, dim, generator=g)
+        mask[b, 120 - n:] = 1
+    return caption, mask
+
+
+def test_t2i_caption_padding_is_invisible(t2i_gpt):
+    caption, mask = left_padded_captions([120, 7, 1], 12)
+    idx = torch.randint(0, 32, (3, 15), generator=torch.Generator().manual_seed(1))
+    logits = t2i_gpt(idx, caption, cond_mask=mask)
+    assert logits.shape == (3, 16, 32)
+    junk = caption + (1 - mask)[..., None] * torch.randn(caption.shape, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(t2i_gpt(idx, junk, cond_mask=mask), logits, atol=1e-5, rtol=0)
+    assert (t2i_gpt(idx, junk) - logits).abs().max() > 1e-2      # without the mask the padding is seen
+    moved = caption.clone()
+    moved[1, -1] += 1.0                                          # a valid position matters
+    assert (t2i_gpt(idx, moved, cond_mask=mask)[1] - logits[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_t2i_kv_cached_generation_equals_teacher_forcing(t2i_gpt, cfg_scale):
+    caption, mask = left_padded_captions([120, 30], 12)
+    sampling = SamplingConfig(cfg_scale=cfg_scale, top_k=8)
+    tokens, logits = golden_llamagen._generate_t2i(t2i_gpt, caption, mask, sampling, seed=3)
+    assert tokens.shape == (2, 16) and logits.shape == (2, 16, 32)
+    cond = t2i_gpt(tokens[:, :-1], caption, cond_mask=mask)
+    if cfg_scale > 1:
+        uncond = t2i_gpt(tokens[:, :-1], t2i_gpt.null_condition(caption), cond_mask=mask)
+        cond = uncond + (cond - uncond) * cfg_scale
+    torch.testing.assert_close(logits, cond, atol=1e-4, rtol=0)
+
+
+def test_t2i_config_and_condition_errors(t2i_gpt):
+    with pytest.raises(ValueError, match="cls_token_num"):
+        GPTConfig(model_type="t2i", cls_token_num=121)
+    with pytest.raises(ValueError, match="model_type"):
+        GPTConfig(model_type="t2v")
+    with pytest.raises(ValueError, match="captions must be"):
+        t2i_gpt(None, torch.zeros(1, 120, 5))
+    with pytest.raises(ValueError, match="null caption"):
+        t2i_gpt.null_condition(torch.zeros(1, 60, 12))
+    with pytest.raises(ValueError, match="text-to-image"):
+        DDStudent(DDConfig.from_gpt(T2I_GPT, 8))
+    with pytest.raises(ValueError, match="not a LlamaGen preset"):  # t2i inference at preset widths: manifest test
+        _infer_gpt_config(t2i_gpt.state_dict(), 16)
 
 
 def test_filtered_probabilities(teacher):

@@ -52,9 +52,13 @@ def _infer_gpt_config(sd: dict, block_size: int, cls=GPTConfig, **extra) -> GPTC
     n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
     qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
     n_kv = (qkv_rows // (dim // n_head) - n_head) // 2
-    rows = sd["cls_embedding.embedding_table.weight"].shape[0]
+    if "cls_embedding.cap_proj.fc1.weight" in sd:  # text-to-image: caption width and length
+        T, caption_dim = sd["cls_embedding.uncond_embedding"].shape
+        cond = dict(model_type="t2i", caption_dim=caption_dim, cls_token_num=T)
+    else:
+        cond = dict(num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1)
     cfg = cls(dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=None if n_kv == n_head else n_kv,
-              vocab_size=sd["output.weight"].shape[0], num_classes=rows - 1, block_size=block_size, **extra)
+              vocab_size=sd["output.weight"].shape[0], block_size=block_size, **cond, **extra)
     if cfg.ffn_hidden != sd["layers.0.feed_forward.w1.weight"].shape[0]:
         raise ValueError("FFN width differs from the default rule: pass the model configuration explicitly")
     return cfg

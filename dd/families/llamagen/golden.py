@@ -28,7 +28,7 @@ from dd.method.teacher import SamplingConfig
 TOL = 1e-4
 TOL_CFG = 2e-4  # CFG-mixed logits: |values| up to ~32 after the x cfg amplification
 
-KIND_VQ, KIND_GPT, KIND_DD = "llamagen-vq", "llamagen-gpt", "llamagen-dd"
+KIND_VQ, KIND_GPT, KIND_GPT_T2I, KIND_DD = "llamagen-vq", "llamagen-gpt", "llamagen-gpt-t2i", "llamagen-dd"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -44,7 +44,9 @@ def detect(blob: dict) -> str | None:
     if "codebook_embed_dim" in args and "encoder.conv_blocks.0.res.0.conv1.weight" in sd:
         return KIND_VQ
     if "layers.0.attention.wqkv.weight" in sd and "vocab_size" in args:
-        return KIND_DD if "n_d_embed.weight" in sd else KIND_GPT
+        if "n_d_embed.weight" in sd:
+            return KIND_DD
+        return KIND_GPT_T2I if "cls_embedding.cap_proj.fc1.weight" in sd else KIND_GPT
     return None
 
 
@@ -65,7 +67,7 @@ def build_from_golden(blob: dict) -> torch.nn.Module:
     kind, cfg = detect(blob), blob["config"]
     if kind == KIND_VQ:
         model = VQModel(vq_config_from_golden(cfg))
-    elif kind == KIND_GPT:
+    elif kind in (KIND_GPT, KIND_GPT_T2I):
         model = GPT(GPTConfig.from_model_args(_model_args(cfg)))
     elif kind == KIND_DD:
         model = DDStudent(DDConfig.from_model_args(_model_args(cfg)))
@@ -96,10 +98,25 @@ def _norm_groups_of(manifest: dict, default: int = 32) -> int:
     return int(m.group(1)) if m else default
 
 
+def manifest_model_args(manifest: dict) -> dict:
+    """The ``ModelArgs`` of a manifest: nested under ``constructor_args.ModelArgs`` (c2i, VQ, DD
+    manifests) or ``constructor_args`` itself (the text-to-image manifest)."""
+    ctor = manifest["constructor_args"]
+    return ctor["ModelArgs"] if isinstance(ctor.get("ModelArgs"), dict) else ctor
+
+
+def manifest_entries(manifest: dict) -> dict[str, tuple[list[int], str]]:
+    """key -> (shape, dtype) of the released state dict: a ``state_dict`` list of {key, shape, dtype}
+    or an ``entries`` mapping key -> {shape, dtype} (the text-to-image manifest)."""
+    if "state_dict" in manifest:
+        return {e["key"]: (list(e["shape"]), e["dtype"]) for e in manifest["state_dict"]}
+    return {k: (list(e["shape"]), e["dtype"]) for k, e in manifest["entries"].items()}
+
+
 def model_from_manifest(manifest: dict) -> torch.nn.Module:
     """Our model at a ``manifest_*.json`` configuration, on the meta device (no weights allocated)."""
     ctor = manifest["constructor_args"]
-    args = ctor["ModelArgs"]
+    args = manifest_model_args(manifest)
     with torch.device("meta"):
         if "codebook_embed_dim" in args:
             hard = next((d for k, d in ctor.items() if k != "ModelArgs" and isinstance(d, dict) and "ch" in d), {})
@@ -258,6 +275,50 @@ def verify_gpt(blob: dict, path: Path) -> list[CaseResult]:
     return res
 
 
+def _generate_t2i(gpt: GPT, caption, emb_mask, sampling: SamplingConfig, seed: int):
+    """LlamaGen's generate() for a text-to-image GPT with the KV cache: CFG doubles the batch with the
+    null caption under the same caption mask. Returns (tokens [B, n], guided logits [B, n, V])."""
+    gen = torch.Generator().manual_seed(seed)
+    guided = sampling.cfg_scale > 1.0
+    cond = torch.cat([caption, gpt.null_condition(caption)]) if guided else caption
+    mask = torch.cat([emb_mask, emb_mask]) if guided else emb_mask
+    cache = gpt.new_cache()
+    logits = gpt(None, cond, cache=cache, cond_mask=mask)[:, -1]
+    tokens, seen = [], []
+    for step in range(gpt.config.block_size):
+        if step:
+            last = tokens[-1]
+            logits = gpt(torch.cat([last, last]) if guided else last, cache=cache)[:, -1]
+        if guided:
+            logits = cfg_mix(*logits.chunk(2), sampling.cfg_scale)
+        seen.append(logits)
+        probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        tokens.append(torch.multinomial(probs, 1, generator=gen))
+    return torch.cat(tokens, 1), torch.stack(seen, 1)
+
+
+@torch.no_grad()
+def verify_gpt_t2i(blob: dict) -> list[CaseResult]:
+    """Text-to-image GPT (README section 5): teacher-forced logits for the caption and for the null
+    caption under the caption mask, their CFG mix, and KV-cached generation with and without CFG."""
+    cfg, i, o = blob["config"], blob["inputs"], blob["outputs"]
+    gpt: GPT = build_from_golden(blob)
+    caption, emb_mask, idx = i["caption"], i["emb_mask"], i["idx"]
+    cond = gpt(idx[:, :-1], caption, cond_mask=emb_mask)
+    uncond = gpt(idx[:, :-1], gpt.null_condition(caption), cond_mask=emb_mask)
+    res = [float_case("logits_cond", cond, o["logits_cond"]),
+           float_case("logits_uncond", uncond, o["logits_uncond"]),
+           float_case("logits_cfg", cfg_mix(cond, uncond, cfg["cfg_scale"]), o["logits_cfg"], TOL_CFG)]
+    for prefix, call, logits_key, tol in (("gen", cfg["generate_call"], "gen_guided_logits", TOL_CFG),
+                                          ("gen_nocfg", cfg["generate_call_nocfg"], "gen_nocfg_logits", TOL)):
+        sampling = SamplingConfig(cfg_scale=call["cfg_scale"], top_k=call.get("top_k", 0),
+                                  top_p=call.get("top_p", 1.0), temperature=call.get("temperature", 1.0))
+        tokens, logits = _generate_t2i(gpt, caption, emb_mask, sampling, call.get("torch_manual_seed", 0))
+        res.append(exact_case(f"{prefix}_idx", tokens, o[f"{prefix}_idx"]))
+        res.append(float_case(logits_key, logits, o[logits_key], tol))
+    return res
+
+
 def _dd_step(model: DDStudent, codebook, x0, noise, labels, t, split_ts):
     """One DD evaluation at step t (a [B] long tensor): everything the golden cases record."""
     x_t = dd_student.perturb(x0, noise, t)
@@ -334,6 +395,8 @@ def verify(blob: dict, path: Path) -> list[CaseResult]:
         return verify_vq(blob)
     if kind == KIND_GPT:
         return verify_gpt(blob, Path(path))
+    if kind == KIND_GPT_T2I:
+        return verify_gpt_t2i(blob)
     if kind == KIND_DD:
         return verify_dd(blob, Path(path))
     raise ValueError(f"{path}: not a LlamaGen-family golden file")

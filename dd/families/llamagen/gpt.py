@@ -1,4 +1,9 @@
-"""LlamaGen's class-conditional GPT (``GPT``, configured by ``GPTConfig``) and its sampling rules."""
+"""LlamaGen's GPT (``GPT``, configured by ``GPTConfig``) and its sampling rules.
+
+One transformer serves both of LlamaGen's model types: class-conditional (``c2i``: one class token
+before the image tokens) and text-to-image (``t2i``: ``cls_token_num`` projected caption positions,
+left-padded, with a mask that hides the padding).
+"""
 from __future__ import annotations
 
 import math
@@ -20,8 +25,13 @@ def _dataclass_from_dict(cls, d: dict):
 
 
 # =====================================================================================================
-# Class-conditional GPT
+# Configuration
 # =====================================================================================================
+
+# LlamaGen's CaptionEmbedder is always built with token_num=120 (FLAN-T5-XL's max length in sample_t2i.py),
+# whatever cls_token_num is: its null caption is [120, caption_dim] and captions come as 120 positions.
+CAPTION_TOKENS = 120
+MODEL_TYPES = ("c2i", "t2i")
 
 @dataclass
 class GPTConfig:
@@ -40,9 +50,12 @@ class GPTConfig:
     ffn_dropout_p: float = 0.1
     drop_path_rate: float = 0.0
     num_classes: int = 1000
-    class_dropout_prob: float = 0.1        # > 0 adds the null-class row (index num_classes) for CFG
+    class_dropout_prob: float = 0.1        # c2i: > 0 adds the null-class row (index num_classes) for CFG;
+                                           # t2i: the share of training captions dropped to the null caption
     vocab_size: int = 16384
-    cls_token_num: int = 1
+    model_type: str = "c2i"                # "c2i" (class token) or "t2i" (caption positions)
+    caption_dim: int = 2048                # t2i: width of the text encoder's features (FLAN-T5-XL: 2048)
+    cls_token_num: int = 1                 # condition positions before the image tokens (c2i 1, t2i 120)
     block_size: int = 256                  # image tokens; a square grid
 
     def __post_init__(self):
@@ -52,8 +65,12 @@ class GPTConfig:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
         if self.grid ** 2 != self.block_size:
             raise ValueError(f"block_size {self.block_size} is not a square grid")
-        if self.cls_token_num != 1:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.model_type == "c2i" and self.cls_token_num != 1:
             raise ValueError("class-conditional LlamaGen uses exactly one class token (cls_token_num=1)")
+        if self.model_type == "t2i" and not 1 <= self.cls_token_num <= CAPTION_TOKENS:
+            raise ValueError(f"text-to-image cls_token_num must be in 1..{CAPTION_TOKENS}, got {self.cls_token_num}")
 
     @property
     def head_dim(self) -> int:
@@ -74,15 +91,17 @@ class GPTConfig:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return find_multiple(hidden, self.multiple_of)
 
+    @property
+    def text_conditional(self) -> bool:
+        return self.model_type == "t2i"
+
     @classmethod
     def from_model_args(cls, model_args: dict) -> "GPTConfig":
-        """From LlamaGen's ``ModelArgs`` (fields without a meaning here, like caption_dim, are dropped)."""
-        if model_args.get("model_type", "c2i") != "c2i":
-            raise ValueError(f"only class-conditional (c2i) models are supported, got {model_args['model_type']!r}")
+        """From LlamaGen's ``ModelArgs`` (fields without a meaning here, like max_batch_size, are dropped)."""
         return _dataclass_from_dict(cls, model_args)
 
 
-# LlamaGen's class-conditional presets: name -> (n_layer, n_head, dim)
+# LlamaGen's presets (both model types): name -> (n_layer, n_head, dim)
 GPT_PRESETS = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536),
                "XXXL": (48, 40, 2560), "1B": (22, 32, 2048), "3B": (24, 32, 3200), "7B": (32, 32, 4096)}
 
@@ -155,6 +174,7 @@ class KVCache:
         self.length = 0
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.key_valid: torch.Tensor | None = None  # t2i: [B, capacity] positions a query may see
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, heads, S, head_dim] after the filled positions; return all filled ones."""
@@ -179,7 +199,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None,
+                key_valid: torch.Tensor | None = None):
+        """``key_valid`` [B, >= start + L] bool hides keys (t2i caption padding) from every query
+        but their own position; None: plain causal attention."""
         B, L, _ = x.shape
         cfg = self.cfg
         kv_dim = cfg.kv_heads * cfg.head_dim
@@ -195,7 +218,13 @@ class Attention(nn.Module):
             k = k.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
             v = v.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
         dropout = cfg.attn_dropout_p if self.training else 0.0
-        if start == 0:      # the queries are the whole sequence so far
+        if key_valid is not None:  # causal, minus the hidden keys, plus the diagonal (LlamaGen's t2i mask)
+            qpos = torch.arange(start, start + L, device=x.device)
+            kpos = torch.arange(start + L, device=x.device)
+            mask = (qpos[:, None] >= kpos[None, :]) & key_valid[:, None, :start + L]
+            mask = (mask | (qpos[:, None] == kpos[None, :]))[:, None]  # [B, 1, L, start + L]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        elif start == 0:    # the queries are the whole sequence so far
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         elif L == 1:        # one new position sees everything cached
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -223,8 +252,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.drop_path_p = drop_path_p
 
-    def forward(self, x, rope, cache=None):
-        h = x + drop_path(self.attention(self.attention_norm(x), rope, cache), self.drop_path_p, self.training)
+    def forward(self, x, rope, cache=None, key_valid=None):
+        h = x + drop_path(self.attention(self.attention_norm(x), rope, cache, key_valid),
+                          self.drop_path_p, self.training)
         return h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_p, self.training)
 
 
@@ -241,6 +271,43 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.drop_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels).unsqueeze(1)  # [B, 1, D]
+
+
+class CaptionMLP(nn.Module):
+    """Caption projection: fc1 (no bias), tanh-GELU, fc2 (no bias)."""
+
+    def __init__(self, caption_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(caption_dim, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text-encoder features [B, CAPTION_TOKENS, caption_dim] -> [B, CAPTION_TOKENS, dim].
+
+    The null caption (CFG's unconditional input) is the buffer ``uncond_embedding``, so it travels in
+    the checkpoint. In training, whole captions drop to it at ``drop_prob``.
+    """
+
+    def __init__(self, caption_dim: int, dim: int, drop_prob: float, token_num: int = CAPTION_TOKENS):
+        super().__init__()
+        self.cap_proj = CaptionMLP(caption_dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim ** 0.5)
+        self.drop_prob = drop_prob
+
+    def null(self, batch: int) -> torch.Tensor:
+        return self.uncond_embedding.expand(batch, -1, -1)
+
+    def forward(self, captions: torch.Tensor) -> torch.Tensor:
+        if captions.ndim != 3 or captions.shape[-1] != self.uncond_embedding.shape[1]:
+            raise ValueError(f"captions must be [B, T, {self.uncond_embedding.shape[1]}], got {tuple(captions.shape)}")
+        if self.training and self.drop_prob > 0:
+            drop = torch.rand(captions.shape[0], device=captions.device) < self.drop_prob
+            captions = torch.where(drop[:, None, None], self.uncond_embedding.to(captions.dtype), captions)
+        return self.cap_proj(captions)
 
 
 def _init_linear_and_embedding(module: nn.Module, std: float):
@@ -271,21 +338,25 @@ class _Backbone(nn.Module):
                              f"{self.freqs_cis.shape[0]} (class token + block_size)")
         return self.freqs_cis[start:start + length]
 
-    def run_blocks(self, h: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def run_blocks(self, h: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
         rope = self.rope(start, h.shape[1], h.device)
         for layer in self.layers:
-            h = layer(h, rope, cache)
+            h = layer(h, rope, cache, key_valid)
         return h
 
 
 class GPT(_Backbone):
-    """Class-conditional LlamaGen transformer (``autoregressive/models/gpt.py``, c2i)."""
+    """LlamaGen transformer (``autoregressive/models/gpt.py``): class-conditional or text-to-image."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob,
-                                           null_row=cfg.class_dropout_prob > 0)
+        if cfg.text_conditional:
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.class_dropout_prob)
+        else:
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob,
+                                               null_row=cfg.class_dropout_prob > 0)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self._build_blocks(cfg)
@@ -294,39 +365,73 @@ class GPT(_Backbone):
 
     @property
     def has_null_class(self) -> bool:
+        if self.config.text_conditional:
+            return True  # the null caption is part of every t2i model
         return self.cls_embedding.embedding_table.num_embeddings > self.config.num_classes
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """CFG's unconditional input for a batch of conditions: the null class or the null caption."""
+        if self.config.text_conditional:
+            if cond.shape[1] != self.cls_embedding.uncond_embedding.shape[0]:
+                raise ValueError(f"CFG needs captions of {self.cls_embedding.uncond_embedding.shape[0]} positions "
+                                 f"(the null caption's), got {cond.shape[1]}")
+            return self.cls_embedding.null(cond.shape[0]).to(cond)
+        if not self.has_null_class:
+            raise ValueError("CFG needs a GPT trained with class dropout (a null-class row)")
+        return torch.full_like(cond, self.config.num_classes)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.cls_token_num + self.config.block_size)
 
-    def forward(self, idx: torch.Tensor | None, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Float logits [B, L, V] at each input position; position p predicts image token p.
+    def _key_valid(self, cond_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, cls_token_num + block_size] visibility of each position as a key (t2i caption mask)."""
+        if cond_mask is None:
+            return None
+        if not self.config.text_conditional:
+            raise ValueError("cond_mask applies to text-to-image models only")
+        n_cls = self.config.cls_token_num
+        if cond_mask.ndim != 2 or cond_mask.shape[1] < n_cls:
+            raise ValueError(f"cond_mask must be [B, >= {n_cls}], got {tuple(cond_mask.shape)}")
+        valid = cond_mask[:, :n_cls] > 0
+        return torch.cat([valid, valid.new_ones(valid.shape[0], self.config.block_size)], dim=1)
 
-        ``labels`` [B] starts a sequence with the class token; ``idx`` [B, n] are the image tokens
-        that follow (None: class token only). With ``cache``, the input continues the cached sequence
-        (pass ``labels`` only for its first chunk) and the cache is extended.
+    def forward(self, idx: torch.Tensor | None, cond: torch.Tensor | None = None,
+                cache: KVCache | None = None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Float logits [B, L, V]; the first returned position predicts the next image token.
+
+        ``cond`` starts a sequence: class labels [B] (c2i) or caption features [B, T, caption_dim]
+        (t2i; the first cls_token_num positions are kept, ``cond_mask`` [B, T] marks the valid ones,
+        left padding as in LlamaGen's sample_t2i.py). ``idx`` [B, n] are the image tokens that follow
+        (None: condition only). Logits are returned from the last condition position on, so a call
+        with cond and n tokens gives n + 1 positions. With ``cache``, the input continues the cached
+        sequence (pass ``cond`` / ``cond_mask`` only with its first chunk) and the cache is extended.
         """
+        cfg = self.config
         parts = []
-        if labels is not None:
-            parts.append(self.cls_embedding(labels)[:, :self.config.cls_token_num])
+        if cond is not None:
+            parts.append(self.cls_embedding(cond)[:, :cfg.cls_token_num])
         if idx is not None:
             parts.append(self.tok_embeddings(idx))
         if not parts:
-            raise ValueError("nothing to run: give labels and/or idx")
+            raise ValueError("nothing to run: give a condition and/or idx")
         start = 0 if cache is None else cache.length
-        if (start == 0) != (labels is not None):
-            raise ValueError("labels go with the first chunk of a sequence, and only with it")
+        if (start == 0) != (cond is not None):
+            raise ValueError("the condition goes with the first chunk of a sequence, and only with it")
+        key_valid = self._key_valid(cond_mask) if start == 0 else cache.key_valid
+        if cache is not None and start == 0:
+            cache.key_valid = key_valid
         h = self.tok_dropout(torch.cat(parts, dim=1))
-        h = self.run_blocks(h, start, cache)
+        h = self.run_blocks(h, start, cache, key_valid)
         if cache is not None:
             cache.length += h.shape[1]
+        if cond is not None:
+            h = h[:, cfg.cls_token_num - 1:]  # condition positions before the last predict nothing
         return self.output(self.norm(h)).float()
 
-    def training_loss(self, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced cross-entropy over all tokens of idx [B, n]; in training mode labels drop
-        to the null class at ``class_dropout_prob`` (what makes CFG possible)."""
-        logits = self(idx[:, :-1], labels)
+    def training_loss(self, idx: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced cross-entropy over all tokens of idx [B, n]; in training mode conditions
+        drop to the null class / caption at ``class_dropout_prob`` (what makes CFG possible)."""
+        logits = self(idx[:, :-1], cond, cond_mask=cond_mask)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx.reshape(-1))
 
 

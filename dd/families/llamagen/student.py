@@ -64,6 +64,9 @@ class DDStudent(_Backbone):
 
     def __init__(self, cfg: DDConfig):
         super().__init__()
+        if cfg.text_conditional:
+            raise ValueError("the LlamaGen DD student is class-conditional; a text-to-image student "
+                             "(caption embedder in place of the class table) is not part of this module")
         self.config = cfg
         self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, 0.0, null_row=True)
         self.tok_embeddings = nn.Linear(cfg.codebook_dim, cfg.dim)
