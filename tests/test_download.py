@@ -24,8 +24,18 @@ import huggingface_hub.utils._http
 import pytest
 
 from dd.__main__ import main as cli_main
-from dd.pipeline.download import (REGISTRY, SHIPPED_DIR, ChecksumError, DownloadError, ShippedRelease, _record_in_lock,
-                                  download, expected_sha256, read_lock, verify_file)
+from dd.pipeline.download import (
+    REGISTRY,
+    SHIPPED_DIR,
+    ChecksumError,
+    DownloadError,
+    ShippedRelease,
+    _record_in_lock,
+    download,
+    expected_sha256,
+    read_lock,
+    verify_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = bytes(range(256)) * 200  # 51200 bytes, several read chunks

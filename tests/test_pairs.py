@@ -48,8 +48,8 @@ def test_regenerated_noise_equals_the_noise_used(tmp_path, monkeypatch):
 def test_shards_are_disjoint_deterministic_and_compact(tmp_path):
     t = ToyTeacher()
     a = P.generate_shard(t, spec_for(t, shard=0), tmp_path / "a.bin", progress=False)
-    b = P.generate_shard(t, spec_for(t, shard=1), tmp_path / "b.bin", progress=False)
-    a2 = P.generate_shard(t, spec_for(t, shard=0), tmp_path / "a2.bin", progress=False)
+    P.generate_shard(t, spec_for(t, shard=1), tmp_path / "b.bin", progress=False)
+    P.generate_shard(t, spec_for(t, shard=0), tmp_path / "a2.bin", progress=False)
     assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "a2.bin").read_bytes()
     assert (tmp_path / "a.json").read_text() == (tmp_path / "a2.json").read_text()
     ra, _ = P.open_shard(tmp_path / "a.bin")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd.method.teacher import ARState, SamplingConfig, Teacher
+from dd.method.teacher import ARState, Teacher
 
 
 class ToyTeacher(Teacher):

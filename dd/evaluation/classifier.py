@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn

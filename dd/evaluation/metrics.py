@@ -226,8 +226,11 @@ def _split_features(splits: int, **kwargs):
     of the samples, (its features, the reference's features, {metric: layer})."""
     from torch_fidelity.helpers import get_kwarg
     from torch_fidelity.metric_fid import extract_featuresdict_from_input_id_cached
-    from torch_fidelity.utils import create_feature_extractor, resolve_feature_extractor, \
-        resolve_feature_layer_for_metric
+    from torch_fidelity.utils import (
+        create_feature_extractor,
+        resolve_feature_extractor,
+        resolve_feature_layer_for_metric,
+    )
 
     metrics = [m for m in ("isc", "fid", "kid", "prc") if get_kwarg(m, kwargs)]
     layers = {m: resolve_feature_layer_for_metric(m, **kwargs) for m in metrics}
