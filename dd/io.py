@@ -3,12 +3,14 @@ folder, fsync, then ``os.replace``, so a killed job or a full disk never leaves 
 under the final name and never destroys the previous good one."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -102,10 +104,45 @@ class ArtefactError(ValueError):
     """A file that is missing, corrupt, or does not belong with the others; the message names it."""
 
 
+def _checkpoint_safe_globals() -> list:
+    """The non-tensor, non-container types a checkpoint may hold, beyond what ``weights_only=True`` allows anyway.
+
+    Found from the original loaders and the golden READMEs (``../shared/golden/*/README.md``, manifests):
+    - ``argparse.Namespace``: LlamaGen's ``train_c2i.py``, ``train_t2i.py`` and ``vq_train.py`` save their
+      command-line arguments as ``"args"`` beside the weights, so the released ``c2i_*.pt``, ``t2i_*.pt`` and
+      ``vq_ds16_*.pt`` files may hold one. Unpickling it only sets attributes; it calls nothing from the file.
+    Nothing else: the VAR releases (``vae_ch160v4096z32.pth``, ``var_d*.pth``) are plain state dicts, the DD releases
+    nest state dicts (``["trainer"]["ema_parameters"]``, ``["ema"]``), the golden files and every checkpoint this
+    project writes hold tensors and plain Python values (their ``config`` dicts are JSON-like).
+    """
+    return [argparse.Namespace]
+
+
+def _refused_globals(path: Path) -> list[str]:
+    """Globals a pickle-based checkpoint refers to beyond the allowlist, read from the pickle without running it."""
+    import torch
+
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in _checkpoint_safe_globals()}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip/pickle we can scan (truncated, corrupt): the caller says so
+        return []
+    return sorted(set(found) - allowed)
+
+
+def _refusal(path: Path, refused: list[str]) -> ArtefactError:
+    allowed = ", ".join(t.__qualname__ for t in _checkpoint_safe_globals())
+    return ArtefactError(f"{path}: refused: the file refers to {', '.join(refused)}, which a checkpoint never needs "
+                         f"(allowed: tensors, plain Python values, {allowed}); loading it could run code from the "
+                         "file, so nothing of it was loaded")
+
+
 def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Any:
-    """The contents of a torch checkpoint file, loaded with ``weights_only=True``: tensors and plain Python
-    values only, so loading runs no code from the file. With ``kind``, a checkpoint of this project that records
-    another kind (``{"kind": "tokenizer", ...}``) is refused. ArtefactError naming the file otherwise."""
+    """The contents of a torch checkpoint file, loaded with ``weights_only=True`` and the explicit allowlist of
+    ``_checkpoint_safe_globals``: tensors, plain Python values and those types only, so loading runs no code from the
+    file. A file that refers to anything else is refused (ArtefactError naming the file and the refused types) before
+    any object of it is built. With ``kind``, a checkpoint of this project that records another kind
+    (``{"kind": "tokenizer", ...}``) is refused. ArtefactError naming the file otherwise."""
     import torch
 
     path = Path(path)
@@ -114,9 +151,18 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Any:
     if path.suffix == ".safetensors":
         ck = read_safetensors(path)
     else:
+        refused = _refused_globals(path)
+        if refused:
+            raise _refusal(path, refused)
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_checkpoint_safe_globals()):
+                ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure: the file is damaged or not a checkpoint
+            # a legacy (non-zip) file cannot be scanned beforehand; torch's weights-only unpickler stops at the first
+            # global it does not allow, before building anything from it
+            unsupported = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(e))
+            if unsupported:
+                raise _refusal(path, [unsupported.group(1)]) from None
             raise ArtefactError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); truncated or corrupt, or "
                                 "holding more than tensors and plain Python values") from None
     if kind is not None and isinstance(ck, dict) and "kind" in ck and ck["kind"] != kind:

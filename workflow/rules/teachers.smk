@@ -73,7 +73,7 @@ rule train_classifier:
         mem_mb=2000,
         runtime=60,
     shell:
-        "{PY} train-classifier --config {input.config} --out {output} --threads {threads} > {log} 2>&1"
+        "{PY} train-classifier --config {input.config:q} --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule train_tokenizer:
@@ -92,7 +92,7 @@ rule train_tokenizer:
         mem_mb=4000,
         runtime=600,
     shell:
-        "{PY} train-tokenizer --config {input.config} --out {output.checkpoint} --threads {threads}"
+        "{PY} train-tokenizer --config {input.config:q} --out {output.checkpoint} --threads {threads}"
         " > {output.report} 2> {log}"
 
 
@@ -114,7 +114,7 @@ rule train_teacher:
         mem_mb=4000,
         runtime=1200,
     shell:
-        "{PY} train-teacher --config {input.config} --tokenizer {input.tokenizer} --classifier {input.classifier}"
+        "{PY} train-teacher --config {input.config:q} --tokenizer {input.tokenizer} --classifier {input.classifier}"
         " --out {output.checkpoint} --threads {threads} > {output.report} 2> {log}"
 
 
