@@ -50,8 +50,23 @@ class ReleasedTeacher:
 
 @dataclass(frozen=True)
 class ReleasedStudent:
-    teacher: str               # name of its released teacher
-    timesteps: tuple[int, ...]  # the DD timesteps it was distilled with (paper notation)
+    """A released DD student and how its release samples with it, in the original scripts' 0-based notation (the
+    README commands of microsoft/distilled_decoding; ``../shared/golden/*/README.md``)."""
+
+    teacher: str                # name of its released teacher
+    t_list: tuple[int, ...]     # the sampling script's t_list: the AR steps (0-based) a DD step starts from
+    split_t: int                # loss_split_t (VAR) / split_t (LlamaGen): the first step (0-based) whose tokens are
+                                # decoded from the embedding head; earlier ones are the codes of the logits' argmax
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        """The DD timesteps it was distilled with, paper notation (1 is the first step)."""
+        return tuple(t + 1 for t in self.t_list)
+
+    @property
+    def split_step(self) -> int:
+        """``python -m dd sample --split-step`` (paper notation) that reproduces the release's split."""
+        return self.split_t + 1
 
 
 def config_from_dict(cls, d: dict):

@@ -171,6 +171,9 @@ def _check_args(args) -> None:
         raise SystemExit("sample: --num and --batch-size must be positive")
     if args.method in ("dd", "dd-teacher"):
         need("student")
+        if args.released_student and args.split_step is None:  # the file does not record it
+            raise SystemExit("sample: a released DD student needs --split-step, the split of its release's sampling "
+                             "script (Family.released_students: VAR-d16 6, d20/d24 5, LlamaGen-B 81, -L 131)")
     if args.method == "dd-teacher":
         need("start", "second")
     if args.method == "skip":

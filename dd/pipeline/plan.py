@@ -114,8 +114,11 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
     if sample["onestep"]:
         sets["onestep"] = SampleSet("onestep", "onestep", [], needs_pairs=True)
     student_run = None if student_file else "main"
-    # a distilled student hands over from logits to embeddings at its last trained timestep
-    split = ["--split-step", str(ts[-1])] if student_run else []
+    if student_file:  # a released student splits where its release's sampling script does
+        split = ["--released-student", "--split-step",
+                 str(released_students()[teacher["released_student"]].split_step)]
+    else:  # a distilled student hands over from logits to embeddings at its last trained timestep
+        split = ["--split-step", str(ts[-1])]
     for k in sorted(sample["dd_steps"]):
         sets[f"dd-{k}step"] = SampleSet(f"dd-{k}step", "dd", ["--steps", *map(str, ts[:k]), *split], student_run)
     for n in sorted(sample["dd_teacher_starts"]):

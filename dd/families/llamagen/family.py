@@ -23,7 +23,9 @@ class LlamaGenFamily(Family):
         "tiny_llamagen": ReleasedTeacher(64, "tiny_llamagen_tokenizer", "tiny_llamagen_ar", image_size=16,
                                          domain="digits", original_format=False),
     }
-    released_students = {f"dd_llamagen_{s}": ReleasedStudent(f"llamagen_{s}", (1, 81)) for s in "bl"}
+    # the DD README commands: t_list "0,80" for both, split_t 80 for B and 130 for L
+    released_students = {"dd_llamagen_b": ReleasedStudent("llamagen_b", (0, 80), 80),
+                         "dd_llamagen_l": ReleasedStudent("llamagen_l", (0, 80), 130)}
     releases = (
         Release("llamagen_vq16", _LLAMAGEN, "vq_ds16_c2i.pt",
                 "LlamaGen VQ tokenizer, downsample 16, codebook 16384x8",

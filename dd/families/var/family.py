@@ -22,7 +22,10 @@ class VARFamily(Family):
         "tiny_var": ReleasedTeacher(6, "tiny_var_tokenizer", "tiny_var_ar", image_size=16,
                                          domain="digits", original_format=False),
     }
-    released_students = {f"dd_var_d{d}": ReleasedStudent(f"var_d{d}", (1, 6)) for d in (16, 20, 24)}
+    # the DD README commands: d16 t_list "0,5" with loss_split_t 5; d20 and d24 "0,4" with loss_split_t 4
+    released_students = {"dd_var_d16": ReleasedStudent("var_d16", (0, 5), 5),
+                         "dd_var_d20": ReleasedStudent("var_d20", (0, 4), 4),
+                         "dd_var_d24": ReleasedStudent("var_d24", (0, 4), 4)}
     releases = (
         Release("vae_var", _VAR, "vae_ch160v4096z32.pth", "VAR multi-scale VQVAE, codebook 4096x32",
                 "raw state dict; strict load"),
