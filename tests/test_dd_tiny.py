@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -12,7 +11,10 @@ import yaml
 from dd.families import loading as families
 from dd.method.distill import DistillConfig, build_lpips, distill_losses
 from dd.method.pairs import flow_trajectory
+from dd.method.sample import teacher_nll_bits
 from dd.method.teacher import SamplingConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAMILIES = ["llamagen", "var"]
 
@@ -23,35 +25,79 @@ def tiny_teacher(family, seed=0, **tok_over):
     return families.build_tiny_teacher(cfg, **tok_over).eval().requires_grad_(False)
 
 
-def _hist(tokens, V):
-    return np.stack([np.bincount(tokens[:, j], minlength=V) / len(tokens) for j in range(tokens.shape[1])])
+def shipped_teacher(family):
+    """The shipped tiny teacher: trained, so its distribution is far from uniform and depends on the label and on
+    the prefix (a random teacher's zero-initialised logits head would make every probability 1/V)."""
+    release = REPO / "releases" / "tiny"
+    spec = {"family": family, "tokenizer": release / f"tiny_{family}_tokenizer.safetensors",
+            "model": release / f"tiny_{family}_ar.safetensors", "released": False}
+    return families.load_teacher(spec)[0]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pair_tokens_are_a_faithful_sample_of_the_teacher(family):
-    """Per-position token histograms of flow-mapped pairs vs ordinary multinomial teacher samples: the
-    distance must be no larger than between two independent teacher sample sets (x1.3 + 0.02)."""
-    t = tiny_teacher(family)
-    V, C = t.codebook.shape
-    n = 1500
-    sampling = SamplingConfig(cfg_scale=2.0)
+PAIR_SAMPLING = SamplingConfig(cfg_scale=2.0)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair_check(request):
+    """Pairs (flow-mapped noise) and an ordinary multinomial teacher sample set, with the same labels, plus the
+    pair sets a faulty generator would give: CFG 1 instead of 2, temperature 1.5, labels shuffled after generation,
+    and each position's tokens shuffled among samples of the same label (what ignoring the prefix gives: the same
+    per-position marginals, none of the dependence on earlier tokens)."""
+    family = request.param
+    t = shipped_teacher(family)
+    C = t.codebook.shape[1]
+    n = 400
     labels = torch.arange(n) % t.num_classes
-    g = torch.Generator().manual_seed(1)
-    noise = torch.randn(n, t.n_tokens, C, generator=g)
+    noise = torch.randn(n, t.n_tokens, C, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        pairs = flow_trajectory(t, labels, noise, sampling).numpy()
-        a = t.sample(labels, sampling, torch.Generator().manual_seed(2)).numpy()
-        b = t.sample(labels, sampling, torch.Generator().manual_seed(3)).numpy()
-    tv = lambda x, y: 0.5 * np.abs(_hist(x, V) - _hist(y, V)).sum(1).mean()
-    ours, baseline = tv(pairs, a), tv(b, a)
-    print(f"{family}: mean per-position TV pairs-vs-teacher {ours:.4f}, teacher-vs-teacher {baseline:.4f}")
-    assert ours <= 1.3 * baseline + 0.02
+        pairs = flow_trajectory(t, labels, noise, PAIR_SAMPLING)
+        teacher = t.sample(labels, PAIR_SAMPLING, torch.Generator().manual_seed(2))
+        g = torch.Generator().manual_seed(3)
+        no_prefix = pairs.clone()
+        for c in range(t.num_classes):
+            rows = torch.nonzero(labels == c).flatten()
+            for j in range(t.n_tokens):
+                no_prefix[rows, j] = pairs[rows[torch.randperm(len(rows), generator=g)], j]
+        faulty = {
+            "cfg 1": flow_trajectory(t, labels, noise, SamplingConfig(cfg_scale=1.0)),
+            "temperature 1.5": flow_trajectory(t, labels, noise, SamplingConfig(cfg_scale=2.0, temperature=1.5)),
+            "labels shuffled": pairs[torch.randperm(n, generator=g)],
+            "prefix ignored": no_prefix,
+        }
+    return family, t, labels, pairs, teacher, faulty
+
+
+def nll_gap(t, labels, x, y) -> tuple[float, float]:
+    """Mean teacher NLL (bits/token, the pairs' own sampling settings) of token sets x and y with the same labels,
+    and the standard error of their difference. A likelihood two-sample check: sensitive to everything the teacher's
+    distribution depends on (label, prefix, CFG, temperature), unlike per-position token histograms."""
+    a = teacher_nll_bits(t, x, labels, PAIR_SAMPLING)
+    b = teacher_nll_bits(t, y, labels, PAIR_SAMPLING)
+    se = (a.var() / len(a) + b.var() / len(b)).sqrt().item()
+    return (a.mean() - b.mean()).item(), se
+
+
+def test_pair_tokens_are_a_faithful_sample_of_the_teacher(pair_check):
+    """Pairs and teacher samples have the same mean teacher NLL within 3 standard errors of the difference."""
+    family, t, labels, pairs, teacher, _ = pair_check
+    gap, se = nll_gap(t, labels, pairs, teacher)
+    print(f"{family}: NLL pairs - teacher samples {gap:+.4f} bits/token (SE {se:.4f})")
+    assert abs(gap) <= 3 * se
+
+
+@pytest.mark.parametrize("fault", ["cfg 1", "temperature 1.5", "labels shuffled", "prefix ignored"])
+def test_the_faithfulness_check_catches_faulty_pair_generation(pair_check, fault):
+    """The same check on the pairs of a faulty generator fails, by a wide margin: the test above can fail."""
+    family, t, labels, pairs, teacher, faulty = pair_check
+    gap, se = nll_gap(t, labels, faulty[fault], teacher)
+    print(f"{family} / {fault}: NLL gap {gap:+.4f} bits/token (SE {se:.4f})")
+    assert abs(gap) > 6 * se
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("emb_loss", ["lpips", "mse"])
 def test_distillation_losses_and_gradients(family, emb_loss):
-    t = tiny_teacher(family)
+    t = shipped_teacher(family)  # trained: a random tiny teacher's zero logits head would block gradients
     s = families.student_from_teacher(t)
     V, C = t.codebook.shape
     cfg = DistillConfig(timesteps=[1, 2], batch_size=4, emb_loss=emb_loss)
@@ -61,8 +107,8 @@ def test_distillation_losses_and_gradients(family, emb_loss):
                             build_lpips(cfg, "cpu") if emb_loss == "lpips" else None)
     assert all(torch.isfinite(v) for v in losses.values()) and losses["emb"] > 0
     losses["loss"].backward()
-    assert all(p.grad is not None for p in s.parameters() if p.requires_grad and p.grad is not None)
-    assert sum(p.grad.abs().sum() for p in s.parameters() if p.grad is not None) > 0
+    no_grad = [n for n, p in s.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad, f"parameters the losses do not reach: {no_grad}"
     assert all(p.grad is None for p in t.parameters())  # the teacher stays frozen
 
 

@@ -248,6 +248,30 @@ def test_orders_and_schedules_run(order, schedule):
     assert idx.shape == (100,) and 0 <= idx.min() and idx.max() < 64
 
 
+@pytest.fixture(scope="module")
+def unit_problem():
+    n, V, C = 1500, 256, 8
+    codebook, p = make_codebook("unit", V, C, 8 + V), make_probs("dirichlet", V, 9 + V)
+    noise = torch.randn(n, C, generator=torch.Generator().manual_seed(10 + C))
+    return noise, p.expand(n, V), codebook, reference_flow_map(noise, p, codebook)
+
+
+@pytest.mark.parametrize("schedule", flow.SCHEDULES)
+def test_every_schedule_converges_to_the_high_accuracy_solve(unit_problem, schedule):
+    """Not only shapes: each time grid's tokens agree with the reference solve more with more NFE, and nearly all at
+    50 NFE (measured: adaptive 98.5/99.4/99.5 %, logsnr 91.3/98.7/99.5 %, time 1.9/75.1/99.7 % at 10/25/50 NFE)."""
+    noise, p, codebook, ref = unit_problem
+    rates = {nfe: (flow.flow_map(noise, p, codebook, nfe=nfe, schedule=schedule) == ref).float().mean().item()
+             for nfe in (10, 25, 50)}
+    print(f"\n[schedule] {schedule}: " + ", ".join(f"{k} NFE {v:.2%}" for k, v in rates.items()))
+    assert rates[50] >= 0.99
+    assert rates[10] <= rates[25] + 0.003 and rates[25] <= rates[50] + 0.003
+    if schedule == "adaptive":  # the default: the best at the default 10 NFE
+        others = [(flow.flow_map(noise, p, codebook, nfe=10, schedule=s) == ref).float().mean().item()
+                  for s in flow.SCHEDULES if s != schedule]
+        assert rates[10] >= max(others)
+
+
 def test_solver_is_third_order_on_a_smooth_problem():
     # data prediction D(lambda) = sin(lambda), independent of x: the exact solution is known
     lam = lambda t: math.log(t / (1 - t))  # noqa: E731

@@ -93,6 +93,12 @@ def test_release_configs_are_inferred_from_weights():
             assert _infer_vq_config(sd) == model.config
         elif isinstance(model, GPT):
             assert _infer_gpt_config(sd, model.config.block_size) == model.config
+        elif isinstance(model, DDStudent):  # what load_student infers from a released llamagen-*.pt
+            cfg = model.config
+            inferred = _infer_gpt_config(sd, cfg.block_size, DDConfig, codebook_dim=sd["tok_embeddings.weight"].shape[1])
+            assert inferred == cfg, f"{path.name}: {inferred} != {cfg}"
+        else:
+            raise AssertionError(f"{path.name}: unexpected model {type(model).__name__}")
 
 
 def test_golden_detect_ignores_foreign_blobs():
@@ -411,9 +417,40 @@ def test_gpt_training_loss_and_label_dropout():
     assert loss.item() < 0.5 * first
 
 
-def test_student_config_from_gpt_and_dict_round_trip():
+def test_student_config_from_gpt():
     cfg = DDConfig.from_gpt(TINY_GPT, 8)
-    assert cfg.token_dropout_p == 0 and cfg.block_size == 16 and cfg.codebook_dim == 8
-    from dataclasses import asdict
-    assert DDConfig(**asdict(cfg)) == cfg
-    assert VQConfig(**asdict(TINY_VQ)) == TINY_VQ
+    shared = {f: getattr(TINY_GPT, f) for f in ("dim", "n_layer", "n_head", "n_kv_head", "vocab_size", "num_classes",
+                                               "block_size", "multiple_of", "rope_base", "norm_eps")}
+    assert {f: getattr(cfg, f) for f in shared} == shared and cfg.codebook_dim == 8
+    assert (cfg.token_dropout_p, cfg.resid_dropout_p, cfg.ffn_dropout_p, cfg.drop_path_rate, cfg.class_dropout_prob) \
+        == (0, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("config", [TINY_VQ, TINY_GPT, DDConfig.from_gpt(TINY_GPT, 8), T2I_GPT],
+                         ids=["vq", "gpt", "dd", "gpt-t2i"])
+def test_config_survives_the_json_of_a_checkpoint(config):
+    """Checkpoints (safetensors metadata, our .pt files) store configs as JSON, where tuples become lists: the
+    config read back must equal the original, or comparisons such as ch_mult == dec_ch_mult would silently differ."""
+    from dd.families.base import config_from_dict
+
+    back = config_from_dict(type(config), json.loads(json.dumps(asdict(config))))
+    assert back == config and hash(repr(back)) == hash(repr(config))
+
+
+def test_verify_golden_exit_status(tmp_path, capsys):
+    """`python -m dd verify-golden` exits 0 on the recorded files and 1 when one recorded output is off by 1e-3."""
+    import shutil
+
+    from dd.__main__ import main as cli
+
+    folder = golden_dir("llamagen")
+    shutil.copy(folder / "vq_tiny.pt", tmp_path / "vq_tiny.pt")  # generation decodes through the tokenizer beside it
+    blob = load_golden(folder / "gpt_tiny.pt")
+    torch.save(blob, tmp_path / "gpt_tiny.pt")
+    assert cli(["verify-golden", str(tmp_path / "gpt_tiny.pt")]) == 0
+    blob["outputs"]["logits_cond"][0, 3, 5] += 1e-3
+    torch.save(blob, tmp_path / "gpt_tiny.pt")
+    capsys.readouterr()
+    assert cli(["verify-golden", str(tmp_path / "gpt_tiny.pt")]) == 1
+    failed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("FAIL ")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL logits_cond:"), failed

@@ -96,6 +96,25 @@ def test_release_manifests_match_state_dict_keys_shapes_dtypes():
         assert all(p.is_meta for p in model.parameters())
 
 
+def test_release_configs_are_inferred_from_weights():
+    """Loading a released VAR or VAR-DD file infers its configuration from the tensor shapes: the inferred config
+    rebuilds exactly the released architecture of every manifest."""
+    from dd.families.var.checkpoints import _infer_var_config
+    from dd.families.var.golden import model_from_manifest
+    from dd.families.var.student import VARStudent, VARStudentConfig
+    from dd.families.var.transformer import VAR
+
+    checked = 0
+    for path in sorted(golden_dir("var").glob("manifest_*.json")):
+        model = model_from_manifest(json.loads(path.read_text()))
+        if isinstance(model, (VAR, VARStudent)):
+            cls = VARStudentConfig if isinstance(model, VARStudent) else VARConfig
+            inferred = _infer_var_config(model.state_dict(), cls)
+            assert inferred == model.cfg, f"{path.name}: {inferred} != {model.cfg}"
+            checked += 1
+    assert checked >= 6  # var_d16/d20/d24 and their DD students
+
+
 def test_golden_detect_ignores_foreign_blobs():
     from dd.families.var.golden import detect
 
@@ -276,14 +295,14 @@ def test_tokenizer_training_loss_decreases():
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     images = digits(8)
     losses = []
-    for _ in range(15):
+    for _ in range(30):
         loss, stats = vae.training_loss(images)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert set(stats) >= {"l1", "l2", "vq", "codebook_usage"} and all(map(math.isfinite, losses))
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.75 * losses[0]  # a clear decrease (0.70x measured), not any decrease
     assert vae.encoder.conv_in.weight.grad is not None and vae.quantize.embedding.weight.grad is not None
 
 
@@ -321,3 +340,18 @@ def test_vqvae_accepts_usage_buffer_of_other_scale_count():
     sd["quantize.ema_vocab_hit_SV"] = torch.ones(10, 64)
     vae.load_state_dict(sd, strict=True)
     assert vae.quantize.ema_vocab_hit_SV.shape == (4, 64)
+
+
+@pytest.mark.parametrize("config", [TINY_VAE, TINY_VAR], ids=["vqvae", "var"])
+def test_config_survives_the_json_of_a_checkpoint(config):
+    """Configs travel as JSON in checkpoints (tuples become lists): read back, they must equal the original."""
+    from dataclasses import asdict
+
+    from dd.families.base import config_from_dict
+    from dd.families.var.student import VARStudentConfig
+
+    back = config_from_dict(type(config), json.loads(json.dumps(asdict(config))))
+    assert back == config
+    if isinstance(config, VARConfig):
+        student = VARStudentConfig(**{k: v for k, v in asdict(config).items()})
+        assert config_from_dict(VARStudentConfig, json.loads(json.dumps(asdict(student)))) == student
