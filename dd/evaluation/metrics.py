@@ -26,7 +26,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from dd.evaluation.classifier import classify, load_checkpoint, load_classifier, prepare_images
-from dd.evaluation.reference import DIGITS_REFERENCES, load_reference
+from dd.evaluation.reference import DIGITS_REFERENCES, FidStatistics, load_reference
 from dd.evaluation.sample_sets import SAMPLE_SET_FORMAT, SampleSet, UInt8Images, check_sample_arrays, load_sample_set
 from dd.evaluation.settings import EvaluationSettings
 from dd.io import atomic_write_json, sha256_file
@@ -135,15 +135,23 @@ def evaluate_sample_set(
         raise ValueError("no metric requested")
     samples = samples_npz if isinstance(samples_npz, SampleSet) else load_sample_set(samples_npz)
     need_reference = fid or kid or prc
-    ref = None
+    ref = stats = None
+    skipped = {}
     if need_reference:
-        ref = reference if isinstance(reference, SampleSet) else load_reference(reference, like=samples)
+        ref = reference if isinstance(reference, (SampleSet, FidStatistics)) else load_reference(reference,
+                                                                                                  like=samples)
+    if isinstance(ref, FidStatistics):  # FID against the statistics; the metrics that need reference images: none
+        stats, ref = ref, None
+        for metric, wanted in (("kid", kid), ("prc", prc)):
+            if wanted:
+                skipped[metric] = f"the reference {stats.source} holds FID statistics only, no images"
+        kid = prc = False
     if splits < 1 or len(samples) % splits:
         raise ValueError(f"{len(samples)} samples do not split into {splits} equal parts")
     n1, n2 = len(samples) // splits, (len(ref) if ref is not None else 0)
 
     # feasibility checks (per part) before any feature extraction
-    if fid and min(n1, n2) < 2:
+    if fid and min(n1, n2 if stats is None else n1) < 2:
         raise ValueError(f"FID needs at least 2 images in each set (samples {n1} per part, reference {n2})")
     if isc and n1 < isc_splits:
         raise ValueError(f"IS with {isc_splits} splits needs at least {isc_splits} samples, got {n1} per part; "
@@ -186,7 +194,7 @@ def evaluate_sample_set(
         kwargs["input1_cache_name"] = f"set-{_array_digest(samples.images)}-w-{weights_sha[:16]}"
         if ref is not None:
             kwargs["input2_cache_name"] = f"set-{_array_digest(ref.images)}-w-{weights_sha[:16]}"
-    parts = [_fidelity_metrics(part, ref_features, layers, kwargs)
+    parts = [_fidelity_metrics(part, ref_features, layers, kwargs, stats)
              for part, ref_features, layers in _split_features(splits, **kwargs)]
     if samples.teacher_nll_bits is not None:
         for part, nll in zip(parts, np.split(samples.teacher_nll_bits, splits)):
@@ -194,7 +202,7 @@ def evaluate_sample_set(
     out = _mean_and_standard_error(parts)
     out.update(
         samples=samples.source,
-        reference=ref.source if ref is not None else None,
+        reference=ref.source if ref is not None else (stats.source if stats is not None else None),
         num_samples=len(samples),
         splits=splits,
         num_reference=n2,
@@ -205,6 +213,8 @@ def evaluate_sample_set(
                       prc_neighborhood=prc_neighborhood),
         torch_fidelity_version=torch_fidelity.__version__,
     )
+    if skipped:
+        out["not_computed"] = skipped
     return out
 
 
@@ -243,8 +253,10 @@ def _split_features(splits: int, **kwargs):
         yield {name: f[k * n:(k + 1) * n] for name, f in samples.items()}, reference, layers
 
 
-def _fidelity_metrics(samples: dict, reference: dict | None, layers: dict, kwargs: dict) -> dict:
-    """torch-fidelity's metrics of one part, from features (the steps of ``calculate_metrics``)."""
+def _fidelity_metrics(samples: dict, reference: dict | None, layers: dict, kwargs: dict,
+                      stats: FidStatistics | None = None) -> dict:
+    """torch-fidelity's metrics of one part, from features (the steps of ``calculate_metrics``); FID against
+    ``stats`` instead of the reference's features when given."""
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
@@ -254,8 +266,15 @@ def _fidelity_metrics(samples: dict, reference: dict | None, layers: dict, kwarg
     if "isc" in layers:
         raw.update(isc_featuresdict_to_metric(samples, layers["isc"], **kwargs))
     if "fid" in layers:
-        raw.update(fid_statistics_to_metric(fid_featuresdict_to_statistics(samples, layers["fid"]),
-                                            fid_featuresdict_to_statistics(reference, layers["fid"]), False))
+        ours = fid_featuresdict_to_statistics(samples, layers["fid"])
+        if stats is not None:
+            if ours["mu"].shape[0] != stats.dim:
+                raise ValueError(f"FID statistics {stats.source} are {stats.dim}-dimensional, but the feature "
+                                 f"extractor's FID layer {layers['fid']!r} gives {ours['mu'].shape[0]} features")
+            theirs = {"mu": stats.mu.astype(ours["mu"].dtype), "sigma": stats.sigma.astype(ours["sigma"].dtype)}
+        else:
+            theirs = fid_featuresdict_to_statistics(reference, layers["fid"])
+        raw.update(fid_statistics_to_metric(ours, theirs, False))
     if "kid" in layers:
         raw.update(kid_featuresdict_to_metric(samples, reference, layers["kid"], **kwargs))
     if "prc" in layers:
