@@ -178,3 +178,15 @@ def test_defaults_have_one_source_the_settings_dataclasses():
     checked = ddconfig.check_config(config, base_dir=REPO)["experiments"]["tiny_var"]
     assert {k: checked[k[0]][k[1]] for k in expected} == expected
     assert expected[("distill", "checkpoint_every")] == 1000 and expected[("sample", "batch_size")] == 250
+
+
+def test_student_config_options_are_checked_per_family():
+    message = problems_of(mutated("experiments.tiny_var.distill.student_config", {"depth": 1}))
+    assert "experiments.tiny_var.distill.student_config.depth: not an option of the var student" in message
+    message = problems_of(mutated("experiments.tiny_llamagen.distill.student_config", {"within_scale_attention": True}))
+    assert "tiny_llamagen.distill.student_config.within_scale_attention: not an option of the llamagen" in message
+    message = problems_of(mutated("experiments.tiny_var.distill.student_config", {"within_scale_attention": "yes"}))
+    assert "within_scale_attention" in message and "boolean" in message
+    ok = ddconfig.check_config(mutated("experiments.tiny_var.distill.student_config",
+                                       {"within_scale_attention": True}), base_dir=REPO)
+    assert ok["experiments"]["tiny_var"]["distill"]["student_config"] == {"within_scale_attention": True}

@@ -265,6 +265,37 @@ def test_student_from_teacher_and_mask(teacher):
         assert torch.equal(tokens[0, :1], x_t[0, :1]) and torch.isinf(fp_logits[1, :5]).sum() == 5 * 63
 
 
+def test_within_scale_attention_option(teacher, tmp_path):
+    """The paper's mask (App. B: a token sees its whole scale) as a student option: changing token 7 (scale 2,
+    tokens 5..13) moves its whole scale and the finer ones; the option survives a distill checkpoint."""
+    from dd.families.loading import build_student, model_config, student_from_teacher
+    from dd.families.loading import load_student as load_any_student
+
+    torch.manual_seed(0)
+    student = student_from_teacher(teacher, within_scale_attention=True).eval()
+    assert student.cfg.within_scale_attention
+    released_mask = VARStudent.from_teacher(teacher).attn_bias_for_masking
+    assert not torch.equal(student.attn_bias_for_masking, released_mask)
+    randomise(student, 5)
+    x, labels, t = torch.randn(2, teacher.n_tokens, 8), torch.tensor([3, 7]), torch.tensor([1, 2])
+    with torch.no_grad():
+        emb = student(x, labels, t)[1]
+        x2 = x.clone()
+        x2[:, 7] += 1.0
+        moved = (student(x2, labels, t)[1] - emb).abs().amax(dim=(0, 2)) > 0
+    assert moved.nonzero().flatten().tolist() == list(range(5, 30))
+    with pytest.raises(ValueError, match="cannot be set for a var student"):
+        student_from_teacher(teacher, depth=1)
+    # our checkpoint records the option; loading rebuilds the same mask (the buffer in the file is not trusted)
+    sd = student.state_dict()
+    sd["attn_bias_for_masking"] = released_mask
+    torch.save({"family": "var", "kind": "student", "student_config": model_config(student), "ema": sd},
+               tmp_path / "student.pt")
+    loaded = load_any_student(tmp_path / "student.pt", teacher).model
+    assert torch.equal(loaded.attn_bias_for_masking, student.attn_bias_for_masking)
+    assert build_student("var", model_config(student)).cfg.within_scale_attention
+
+
 def test_student_checkpoint_formats(teacher, tmp_path):
     student = VARStudent.from_teacher(teacher).eval()
     randomise(student, 7)

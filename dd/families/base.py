@@ -90,6 +90,8 @@ class Family(ABC):
     student_config: type
     released_teachers: dict[str, ReleasedTeacher] = {}
     released_students: dict[str, ReleasedStudent] = {}
+    # student config fields a DD configuration may set (distill.student_config); the others follow the teacher
+    student_options: tuple[str, ...] = ()
     releases: tuple[Release, ...] = ()
     # ``python -m dd bench``: the tiny teacher's DD-1 latency target (fraction of its step count), how many AR
     # steps of the real-size teacher the pair-generation row times, and the released codebook (a tokenizer
@@ -124,8 +126,9 @@ class Family(ABC):
     def build_student(self, config) -> nn.Module: ...
 
     @abstractmethod
-    def student_from_teacher(self, teacher: Teacher) -> nn.Module:
-        """The DD student initialised from the teacher (App. B); new layers from the global RNG."""
+    def student_from_teacher(self, teacher: Teacher, **overrides) -> nn.Module:
+        """The DD student initialised from the teacher (App. B); new layers from the global RNG. ``overrides``:
+        fields of ``student_config`` that differ from what the teacher implies."""
 
     @abstractmethod
     def real_size_teacher(self) -> tuple[str, Teacher]:

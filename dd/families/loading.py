@@ -132,8 +132,15 @@ class LoadedStudent(NamedTuple):
     timesteps: list[int] | None   # the DD timesteps it was distilled with (None: not recorded in the file)
 
 
-def student_from_teacher(teacher: Teacher) -> nn.Module:
-    return get_family(teacher.family).student_from_teacher(teacher)
+def student_from_teacher(teacher: Teacher, **overrides) -> nn.Module:
+    """The family's DD student initialised from ``teacher``; ``overrides`` set fields of its student config
+    (e.g. VAR's ``within_scale_attention``) that would otherwise follow the teacher or the release."""
+    f = get_family(teacher.family)
+    unknown = set(overrides) - set(f.student_options)
+    if unknown:
+        raise ValueError(f"student config: {sorted(unknown)} cannot be set for a {f.name} student; allowed: "
+                         f"{', '.join(f.student_options) or 'none'}")
+    return f.student_from_teacher(teacher, **overrides)
 
 
 def build_student(family: str, config: dict) -> nn.Module:

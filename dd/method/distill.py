@@ -12,6 +12,7 @@ uninterrupted single-process run on the same global batch.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -223,14 +224,14 @@ def _diagnose_gradients(step, student, losses, cfg) -> str:
     return ", ".join(bad) or "unknown"
 
 
-def new_student(teacher: Teacher, seed: int) -> nn.Module:
+def new_student(teacher: Teacher, seed: int, overrides: dict | None = None) -> nn.Module:
     """The student initialised from the teacher, its new layers (noise-token input, noise/data embedding,
     embedding head) drawn from ``seed``. Not from the global RNG as it happens to be: torch seeds that
     randomly at start-up, so two runs of the same config would distill different students."""
     from dd.families.loading import student_from_teacher
 
     torch.manual_seed(seed)
-    return student_from_teacher(teacher)
+    return student_from_teacher(teacher, **(overrides or {}))
 
 
 def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: PairSet, out_dir: Path, *,
@@ -386,6 +387,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--student-config", type=json.loads, default={}, metavar="JSON",
+                        help='student config fields to override, e.g. \'{"within_scale_attention": true}\' (VAR)')
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--metrics-jsonl", type=Path, default=None, help="default: OUT/metrics.jsonl")
     parser.add_argument("--eval-every", type=int, default=0, help="FID of 1-/2-step samples every N steps")
@@ -402,7 +405,7 @@ def config_from_args(args) -> DistillConfig:
         ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ce_weight=args.ce_weight, emb_weight=args.emb_weight,
         emb_loss=args.emb_loss, lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone,
         perceptual_classifier=args.perceptual_classifier,
-        lambda_t=args.lambda_t, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
+        lambda_t=args.lambda_t, student_config=dict(args.student_config), epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, amp=not args.no_amp)
 
 
@@ -452,7 +455,7 @@ def main(args) -> int:
     if problem:
         raise DistillError(f"--timesteps: {problem}")
     pairs = PairSet.from_index(args.pairs, teacher, teacher_id, args.num_shards)
-    student = new_student(teacher, cfg.seed)
+    student = new_student(teacher, cfg.seed, cfg.student_config)
     ckpt = Path(args.out) / "last.pt"
     resume_step = load_checkpoint(ckpt)["step"] if ckpt.is_file() else None
     logger = JsonlLogger(args.metrics_jsonl or Path(args.out) / "metrics.jsonl", resume_step=resume_step)

@@ -61,6 +61,8 @@ class DistillConfig:
     lpips_backbone: str | None = None  # local torchvision state_dict of the backbone; None = random backbone
     perceptual_classifier: str | None = None  # emb_loss "classifier": the digits classifier checkpoint
     lambda_t: list[float] | None = None  # per-timestep loss weight, default 1
+    student_config: dict = field(default_factory=dict)  # fields of the family's student config to override (VAR:
+                                                        # within_scale_attention); the rest follows the teacher
     epochs: float = 1.0
     max_steps: int | None = None
     seed: int = 0

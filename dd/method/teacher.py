@@ -170,7 +170,14 @@ class Teacher(nn.Module, ABC):
     def decode_prefix(self, emb_prefix: torch.Tensor) -> torch.Tensor:
         """Decode only the first k tokens [B, k, C] (the skip-n baseline): the missing tokens
         contribute nothing. Default: a zero latent vector at every missing position (raster order);
-        a multi-scale family overrides this to leave the missing scales out of its accumulated latent."""
+        a multi-scale family overrides this to leave the missing scales out of its accumulated latent.
+
+        Why zeros, although the zero vector is no codebook entry (LlamaGen's rows are l2-normalised): the paper
+        (Sec. 5.1) defines skip-n only as "directly skipping the last several steps" and counts n_steps - n network
+        passes, so nothing may be spent on the skipped tokens; any code put there (random, most frequent, repeated)
+        would be a guess that adds content, while the zero vector is equally far from every normalised code and
+        carries no content, which is what VAR's skip-n does by leaving the scale out of its sum. The decoder turns it
+        into a flat region, so skip-n's FID measures the missing tokens, as the baseline intends."""
         B, k, C = emb_prefix.shape
         pad = emb_prefix.new_zeros(B, self.n_tokens - k, C)
         return self.decode_embeddings(torch.cat([emb_prefix, pad], dim=1))

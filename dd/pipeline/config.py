@@ -248,6 +248,10 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
         ts_ok = steps is not None and _check_timesteps(f"{k}.distill.timesteps", ts, steps, problems)
         if released_student is None and (distill["epochs"] is None) == (distill["max_steps"] is None):
             problems.append((f"{k}.distill", "set exactly one of epochs and max_steps (the training length)"))
+        allowed = get_family(family).student_options
+        for key in sorted(set(distill["student_config"]) - set(allowed)):
+            problems.append((f"{k}.distill.student_config.{key}", f"not an option of the {family} student; allowed: "
+                             f"{', '.join(allowed) or 'none'}"))
         if distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"] is None and released.domain != "digits":
             problems.append((f"{k}.distill.lpips_backbone_url", "LPIPS on a released teacher needs the backbone "
                              "weights: give their pinned https URL (or use emb_loss: mse)"))

@@ -31,6 +31,8 @@ def distill_options(wildcards, input):
             f"--emb-weight {d['emb_weight']}", f"--checkpoint-every {d['checkpoint_every']}", f"--seed {d['seed']}"]
     if d["ema_warmup"]:
         opts.append("--ema-warmup")
+    if d["student_config"]:
+        opts.append(f"--student-config {shlex.quote(json.dumps(d['student_config'], sort_keys=True))}")
     if d["emb_loss"] == "classifier":   # the perceptual loss on the digits classifier's features
         opts.append(f"--perceptual-classifier {input.classifier}")
     if "lpips_backbone" in input.keys():

@@ -69,8 +69,8 @@ class LlamaGenFamily(Family):
     def build_student(self, config: DDConfig) -> DDStudent:
         return DDStudent(config)
 
-    def student_from_teacher(self, teacher: LlamaGenTeacher) -> DDStudent:
-        return DDStudent.from_teacher(teacher)
+    def student_from_teacher(self, teacher: LlamaGenTeacher, **overrides) -> DDStudent:
+        return DDStudent.from_teacher(teacher, **overrides)
 
     def real_size_teacher(self) -> tuple[str, LlamaGenTeacher]:
         ar = GPT(gpt_preset("B"))

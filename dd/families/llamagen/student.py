@@ -1,7 +1,7 @@
 """The DD student on LlamaGen (``DDStudent``, configured by ``DDConfig``)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -103,7 +103,8 @@ class DDStudent(_Backbone):
         return logits[:, n_cls:], emb[:, n_cls:]
 
     @classmethod
-    def from_teacher(cls, teacher: "GPT | LlamaGenTeacher", codebook_dim: int | None = None) -> "DDStudent":
+    def from_teacher(cls, teacher: "GPT | LlamaGenTeacher", codebook_dim: int | None = None,
+                     **overrides) -> "DDStudent":
         """A student initialised from the teacher: class table, blocks, final norm and logits head are
         copied; the token Linear, the embedding head and the noise/data embedding are new (N(0, 0.02),
         zero biases; scale_shift_table N(0, 1/dim)), as in the DD code."""
@@ -114,7 +115,7 @@ class DDStudent(_Backbone):
             raise ValueError("codebook_dim is needed when the teacher is a bare GPT")
         ref = next(teacher.parameters())
         with torch.device(ref.device):
-            student = cls(DDConfig.from_gpt(teacher.config, codebook_dim)).to(ref.dtype)
+            student = cls(replace(DDConfig.from_gpt(teacher.config, codebook_dim), **overrides)).to(ref.dtype)
         with torch.no_grad():
             src = teacher.cls_embedding.embedding_table.weight
             student.cls_embedding.embedding_table.weight[: src.shape[0]].copy_(src)  # no null row: fresh

@@ -22,6 +22,7 @@ class VARFamily(Family):
         "tiny_var": ReleasedTeacher(6, "tiny_var_tokenizer", "tiny_var_ar", image_size=16,
                                          domain="digits", original_format=False),
     }
+    student_options = ("within_scale_attention",)
     # the DD README commands: d16 t_list "0,5" with loss_split_t 5; d20 and d24 "0,4" with loss_split_t 4
     released_students = {"dd_var_d16": ReleasedStudent("var_d16", (0, 5), 5),
                          "dd_var_d20": ReleasedStudent("var_d20", (0, 4), 4),
@@ -59,8 +60,8 @@ class VARFamily(Family):
     def build_student(self, config: VARStudentConfig) -> VARStudent:
         return VARStudent(config)
 
-    def student_from_teacher(self, teacher: VARTeacher) -> VARStudent:
-        return VARStudent.from_teacher(teacher)
+    def student_from_teacher(self, teacher: VARTeacher, **overrides) -> VARStudent:
+        return VARStudent.from_teacher(teacher, **overrides)
 
     def real_size_teacher(self) -> tuple[str, VARTeacher]:
         ar = VAR(VARConfig.from_depth(16))

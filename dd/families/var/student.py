@@ -19,6 +19,10 @@ class VARStudentConfig(VARConfig):
 
     n_d_embed_enable: bool = True       # add a learned "noise or data" embedding to every position
     layerwise_n_d_embed: bool = True    # ... through a per-block linear, plus one after the last block
+    # Which tokens of its own scale a token sees. False: only itself (the released DD code, `(q > k) | eye`, which
+    # the released checkpoints were trained with); True: all of them, as the paper's App. B describes ("for VAR, all
+    # tokens generated at the same step can see each other as well")
+    within_scale_attention: bool = False
 
     @classmethod
     def from_teacher_config(cls, cfg: VARConfig, **kw) -> "VARStudentConfig":
@@ -44,7 +48,8 @@ class VARStudent(VAR):
 
     Input: the teacher's n token vectors, data before step t and noise from there on. Position 0 is
     an extra start token (class embedding), so the transformer runs over n+1 positions at levels
-    0 (start), 1..K (the teacher's scales). A token attends to strictly coarser levels and itself.
+    0 (start), 1..K (the teacher's scales). A token attends to strictly coarser levels and itself
+    (or, with ``within_scale_attention``, to its whole level too).
     """
 
     def __init__(self, cfg: VARStudentConfig):
@@ -65,12 +70,22 @@ class VARStudent(VAR):
     def layout(cfg: VARConfig) -> tuple[int, ...]:
         return (1,) + tuple(cfg.patch_nums)
 
-    @staticmethod
-    def attention_bias(levels: torch.Tensor) -> torch.Tensor:
-        """0 where the key's level < the query's level, or key == query; -inf elsewhere."""
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the attention mask follows the config (within_scale_attention), never a file's copy of it
+        key = prefix + "attn_bias_for_masking"
+        if key in state_dict:
+            state_dict[key] = self.attn_bias_for_masking
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def attention_bias(self, levels: torch.Tensor) -> torch.Tensor:
+        """0 where the key's level < the query's level, or key == query (``within_scale_attention``: the key's
+        level <= the query's); -inf elsewhere."""
         q, k = levels.view(-1, 1), levels.view(1, -1)
         L = levels.numel()
-        see = (q > k) | torch.eye(L, dtype=torch.bool, device=levels.device)
+        if self.cfg.within_scale_attention:
+            see = q >= k
+        else:
+            see = (q > k) | torch.eye(L, dtype=torch.bool, device=levels.device)
         return torch.where(see, 0.0, -torch.inf).reshape(1, 1, L, L).contiguous()
 
     @property
