@@ -88,3 +88,94 @@ def test_a_rerun_replaces_the_run(tmp_path):
     [run] = child_runs(store)["sample/teacher"]
     assert run.data.metrics["fid"] == 2.0
     assert len(MlflowStore(store, "test").client.get_metric_history(run.info.run_id, "loss")) == STEPS
+
+
+def _store_with_artifacts(results: Path) -> tuple[MlflowStore, dict]:
+    """A store under results/ with a parent and a child run carrying a table and a grid, as the pipeline logs them."""
+    (results / "tables").mkdir(parents=True)
+    (results / "tables" / "table1.csv").write_text("teacher,method,steps,fid\nt,dd,1,3.5\n")
+    (results / "grid.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(64)))
+    store = MlflowStore(results / "mlflow.db", "browse")
+    parent = store.parent_run("exp")
+    store.log(parent, artifacts=[(results / "tables" / "table1.csv", "tables")])
+    store.finish(parent)
+    child = store.child_run("exp", "sample/dd-1step", tags={"method": "dd"})
+    store.log(child, metrics={"fid": 3.5, "fid_std": 0.2}, artifacts=[(results / "grid.png", "grids")])
+    store.finish(child)
+    return store, {parent: "tables/table1.csv", child: "grids/grid.png"}
+
+
+def test_experiment_opens_on_its_runs(tmp_path):
+    store, _ = _store_with_artifacts(tmp_path / "results")
+    exp = store.client.get_experiment(store.experiment_id())
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_moved_results_folder_browses_after_relocate(tmp_path):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    _, files = _store_with_artifacts(tmp_path / "cluster" / "results")
+    shutil.move(tmp_path / "cluster" / "results", tmp_path / "laptop-results")
+    db = tmp_path / "laptop-results" / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run_id, path = next(iter(files.items()))
+    with pytest.raises(Exception):  # the store still points at the folder it was written in
+        client.download_artifacts(run_id, path, str(tmp_path / "before"))
+    r = subprocess.run([sys.executable, "-m", "dd", "track", "relocate", "--store", str(db)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 experiment(s) re-rooted" in r.stdout, r.stdout + r.stderr
+    for run_id, path in files.items():
+        got = Path(client.download_artifacts(run_id, path, str(tmp_path / "after" / run_id)))
+        assert got.read_bytes() == (tmp_path / "laptop-results" / "mlartifacts").joinpath(
+            *Path(client.get_run(run_id).info.artifact_uri.split("mlartifacts/", 1)[1]).parts, path).read_bytes()
+    again = subprocess.run([sys.executable, "-m", "dd", "track", "relocate", "--store", str(db)],
+                           capture_output=True, text=True, timeout=120)
+    assert "0 experiment(s) re-rooted" in again.stdout  # idempotent
+
+
+def test_mlflow_server_serves_runs_and_artifacts(tmp_path):
+    """What a person looks for in `mlflow ui`, through the server's REST API: the experiment (model-training kind),
+    its parent and child runs, a sample grid and the tables as artifacts."""
+    import socket
+    import time
+    import urllib.request
+
+    store, files = _store_with_artifacts(tmp_path / "results")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", store.tracking_uri, "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(base + path, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                exp = get("/experiments/get-by-name?experiment_name=browse")["experiment"]
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+        req = urllib.request.Request(base + "/runs/search", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode())
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            runs = json.loads(resp.read())["runs"]
+        roles = sorted({t["key"]: t["value"] for t in r["data"]["tags"]}["dd.role"] for r in runs)
+        assert roles == ["child", "parent"]
+        for run_id, path in files.items():
+            folder = path.split("/")[0]
+            listed = get(f"/artifacts/list?run_id={run_id}&path={folder}")["files"]
+            assert [f["path"] for f in listed] == [path]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

@@ -13,7 +13,10 @@ by deterministic tags (``dd.experiment``, ``dd.job``, ``dd.role``), never rememb
   has exactly one run per job, and never a mix of two attempts' metrics.
 
 Artifacts go to ``<store folder>/mlartifacts/`` (for ``results/mlflow.db``: ``results/mlartifacts/``), so nothing
-is written outside ``results/``.
+is written outside ``results/``. MLflow stores artifact locations as absolute URIs; a ``results/`` folder copied to
+another place (a cluster run browsed on a laptop) is re-rooted in place by ``relocate``
+(``python -m dd track relocate --store PATH/mlflow.db``). The experiment is tagged as a model-training experiment
+(``mlflow.experimentKind``), so MLflow's UI opens it on its runs rather than on the GenAI overview.
 
 Jobs do not log to MLflow while they run: they write files, and ``python -m dd track`` records them afterwards.
 """
@@ -29,6 +32,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
+# MLflow 3's UI picks an experiment's view from this tag: model training (runs, charts), not the GenAI overview
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+ARTIFACT_FOLDER = "mlartifacts"
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 PARAMS_PER_BATCH = 100
 
@@ -47,7 +53,7 @@ class MlflowStore:
         self.db_path = Path(db_path).absolute()
         self.experiment_name = experiment
         self.lock_path = self.db_path.with_name(self.db_path.name + ".lock")
-        self.artifact_root = self.db_path.parent / "mlartifacts"
+        self.artifact_root = self.db_path.parent / ARTIFACT_FOLDER
         self.lock_timeout = lock_timeout
         self._client = None
         self._experiment_id: str | None = None
@@ -110,10 +116,13 @@ class MlflowStore:
                 if exp is None:
                     self.artifact_root.mkdir(parents=True, exist_ok=True)
                     self._experiment_id = self.client.create_experiment(
-                        self.experiment_name, artifact_location=self.artifact_root.as_uri())
+                        self.experiment_name, artifact_location=self.artifact_root.as_uri(),
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 else:
                     if exp.lifecycle_stage != "active":
                         self.client.restore_experiment(exp.experiment_id)
+                    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # a store made before the tag
+                        self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                     self._experiment_id = exp.experiment_id
         return self._experiment_id
 
@@ -208,3 +217,35 @@ def _param(v: Any) -> str:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def relocate(db_path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """Re-root a store that was moved or copied: every experiment whose artifacts lived in an ``mlartifacts`` folder
+    (this pipeline's layout) elsewhere now points at the ``mlartifacts`` folder beside ``db_path``, and so do its
+    runs' artifact URIs. Returns (experiment, old root, new root) per experiment changed; idempotent."""
+    import sqlite3
+    import urllib.parse
+
+    store = MlflowStore(db_path)
+    if not store.db_path.is_file():
+        raise FileNotFoundError(f"no MLflow store at {store.db_path}")
+    new_root = store.artifact_root.as_uri()
+    changed = []
+    with store.locked():
+        con = sqlite3.connect(store.db_path)
+        try:
+            with con:  # one transaction: all experiments and runs, or nothing
+                rows = con.execute("SELECT experiment_id, name, artifact_location FROM experiments").fetchall()
+                for exp_id, name, old_root in rows:
+                    parsed = urllib.parse.urlparse(old_root or "")
+                    if old_root == new_root or parsed.scheme != "file" or Path(parsed.path).name != ARTIFACT_FOLDER:
+                        continue
+                    con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                                (new_root, exp_id))
+                    con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                                "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                                (new_root, len(old_root) + 1, exp_id, len(old_root), old_root))
+                    changed.append((name, old_root, new_root))
+        finally:
+            con.close()
+    return changed

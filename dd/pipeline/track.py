@@ -197,20 +197,21 @@ def ablation_figures(p: Plan) -> list[str]:
            ([p.out("figures", "fig7_fid_vs_progress_pair_sets.png")] if "pairs" in kinds else [])
 
 
-KINDS = ("shards", "distill", "samples", "parent", "runs")
+KINDS = ("shards", "distill", "samples", "parent", "runs", "relocate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=KINDS, help="the stage to record (parent: the experiment's parent run; "
-                        "runs: the run specs given with --spec)")
+                        "runs: the run specs given with --spec; relocate: re-root a moved store's artifact locations "
+                        "to the mlartifacts folder beside --store)")
     parser.add_argument("--store", default="results/mlflow.db", help="sqlite file of the MLflow store")
     parser.add_argument("--mlflow-experiment", default="distilled-decoding")
-    parser.add_argument("--experiment", required=True, help="pipeline experiment (the parent run)")
+    parser.add_argument("--experiment", help="pipeline experiment (the parent run); all kinds but relocate")
     parser.add_argument("--experiment-config",
                         help="the experiment's checked config as JSON text (what the Snakefile validated)")
     parser.add_argument("--spec", help="runs: JSON text or a file: {\"runs\": [run spec, ...]}")
     parser.add_argument("--run", help="distill: the distillation run (main, timesteps-1-2, pairs-750, ...)")
-    parser.add_argument("--out", required=True, help="record of what was logged (JSON), the job's output")
+    parser.add_argument("--out", help="record of what was logged (JSON), the job's output; all kinds but relocate")
 
 
 def run_specs(what: str, p: Plan, exp: dict, run: str | None = None) -> list[dict]:
@@ -224,8 +225,16 @@ def run_specs(what: str, p: Plan, exp: dict, run: str | None = None) -> list[dic
 
 
 def main(args: argparse.Namespace) -> int:
-    from dd.pipeline.mlflow_store import MlflowStore
+    from dd.pipeline.mlflow_store import MlflowStore, relocate
 
+    if args.what == "relocate":
+        changed = relocate(args.store)
+        for name, old, new in changed:
+            print(f"track relocate: experiment {name!r}: {old} -> {new}")
+        print(f"track relocate: {len(changed)} experiment(s) re-rooted in {args.store}")
+        return 0
+    if not (args.experiment and args.out):
+        raise SystemExit(f"track {args.what}: needs --experiment and --out")
     if (args.what == "runs") != (args.spec is not None) or (args.what != "runs") != bool(args.experiment_config):
         raise SystemExit("track: 'runs' takes --spec; every other kind takes --experiment-config")
     store = MlflowStore(args.store, args.mlflow_experiment)
