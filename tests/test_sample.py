@@ -17,7 +17,7 @@ from dd.method.teacher import SamplingConfig
 def test_onestep_star_on_the_papers_toy_set_gives_all_four_combinations_uniformly():
     """Sec. 3.1: pairs {(0,0), (1,1)} -> onestep* samples (0,0),(0,1),(1,0),(1,1) each with p = 1/4."""
     tokens = np.array([[0, 0], [1, 1]])
-    table = onestep_star_table(np.zeros(2, dtype=int), tokens, num_classes=1, vocab_size=2)
+    table = onestep_star_table(np.zeros(2, dtype=int), tokens, num_classes=1)
     n = 40_000
     idx, passes = onestep_star_sample(table, torch.zeros(n, dtype=torch.long), torch.Generator().manual_seed(0))
     combos = (idx[:, 0] * 2 + idx[:, 1]).bincount(minlength=4).numpy()
@@ -25,6 +25,28 @@ def test_onestep_star_on_the_papers_toy_set_gives_all_four_combinations_uniforml
     chi2 = ((combos - n / 4) ** 2 / (n / 4)).sum()
     assert chi2 < 16.27, (combos, chi2)
     assert (combos > 0).all() and passes == 1
+
+
+def test_onestep_star_draws_each_position_from_its_class_marginal():
+    """Per class and position, onestep* token frequencies match the pair set's (chi-square, 3 classes x 3 positions),
+    a class absent from the pairs falls back to all pairs, and no [classes, n, V] table is built (V = 16384 here)."""
+    g = np.random.default_rng(0)
+    labels = np.repeat([0, 2], [300, 200])                     # class 1 has no pairs
+    tokens = np.stack([g.choice([5, 9], 500, p=[0.3, 0.7]), g.choice([1, 16383], 500, p=[0.5, 0.5]),
+                       np.where(labels == 0, 7, 11)], 1)
+    marginals = onestep_star_table(labels, tokens, num_classes=3)
+    n = 20_000
+    for c in range(3):
+        idx, _ = onestep_star_sample(marginals, torch.full((n,), c), torch.Generator().manual_seed(c))
+        rows = tokens if c == 1 else tokens[labels == c]
+        for j in range(3):
+            values, expected = np.unique(rows[:, j], return_counts=True)
+            got = np.array([(idx[:, j].numpy() == v).sum() for v in values])
+            assert got.sum() == n                                  # nothing outside the pairs' tokens
+            expected = expected / expected.sum() * n
+            chi2 = ((got - expected) ** 2 / expected).sum()
+            assert chi2 < 13.8, (c, j, got, expected)              # 0.999 quantile, <= 2 dof
+    assert marginals.tokens.numel() == tokens.size
 
 
 def test_teacher_involved_sampling_counts_passes_and_keeps_the_prefix():

@@ -78,7 +78,7 @@ def test_teacher_nll_separates_the_teachers_samples_from_independent_tokens(name
     sampling = FAMILIES[TINY[name][0]].default_sampling(2.0)
     labels = torch.arange(400) % 10
     own = teacher.sample(labels, sampling, torch.Generator().manual_seed(1))
-    table = onestep_star_table(labels.numpy(), own.numpy(), 10, teacher.codebook.shape[0])
+    table = onestep_star_table(labels.numpy(), own.numpy(), 10)
     independent, _ = onestep_star_sample(table, labels, torch.Generator().manual_seed(2))
     a = teacher_nll_bits(teacher, own, labels, sampling)
     b = teacher_nll_bits(teacher, independent, labels, sampling)
