@@ -286,6 +286,10 @@ def test_within_scale_attention_option(teacher, tmp_path):
     assert moved.nonzero().flatten().tolist() == list(range(5, 30))
     with pytest.raises(ValueError, match="cannot be set for a var student"):
         student_from_teacher(teacher, depth=1)
+    # new students default to the paper's mask; the released one on request
+    assert student_from_teacher(teacher).cfg.within_scale_attention
+    assert torch.equal(student_from_teacher(teacher, within_scale_attention=False).attn_bias_for_masking,
+                       released_mask)
     # our checkpoint records the option; loading rebuilds the same mask (the buffer in the file is not trusted)
     sd = student.state_dict()
     sd["attn_bias_for_masking"] = released_mask

@@ -92,6 +92,9 @@ class Family(ABC):
     released_students: dict[str, ReleasedStudent] = {}
     # student config fields a DD configuration may set (distill.student_config); the others follow the teacher
     student_options: tuple[str, ...] = ()
+    # their values for students distilled here when the configuration leaves them out (released students keep the
+    # values their releases were trained with)
+    new_student_defaults: dict = {}
     releases: tuple[Release, ...] = ()
     # ``python -m dd bench``: the tiny teacher's DD-1 latency target (fraction of its step count), how many AR
     # steps of the real-size teacher the pair-generation row times, and the released codebook (a tokenizer
@@ -129,6 +132,12 @@ class Family(ABC):
     def student_from_teacher(self, teacher: Teacher, **overrides) -> nn.Module:
         """The DD student initialised from the teacher (App. B); new layers from the global RNG. ``overrides``:
         fields of ``student_config`` that differ from what the teacher implies."""
+
+    def random_release(self, name: str) -> dict | None:
+        """The released file ``name`` (one of ``releases``) with seeded random weights (from the global RNG), as the
+        object its file holds (same nesting, keys, shapes, dtypes): what ``weights: random`` writes in place of a
+        download, so that every loader and stage runs at real size. None for a name this family does not release."""
+        return None
 
     @abstractmethod
     def real_size_teacher(self) -> tuple[str, Teacher]:

@@ -136,6 +136,7 @@ def student_from_teacher(teacher: Teacher, **overrides) -> nn.Module:
     """The family's DD student initialised from ``teacher``; ``overrides`` set fields of its student config
     (e.g. VAR's ``within_scale_attention``) that would otherwise follow the teacher or the release."""
     f = get_family(teacher.family)
+    overrides = {**f.new_student_defaults, **overrides}
     unknown = set(overrides) - set(f.student_options)
     if unknown:
         raise ValueError(f"student config: {sorted(unknown)} cannot be set for a {f.name} student; allowed: "

@@ -72,6 +72,16 @@ class LlamaGenFamily(Family):
     def student_from_teacher(self, teacher: LlamaGenTeacher, **overrides) -> DDStudent:
         return DDStudent.from_teacher(teacher, **overrides)
 
+    def random_release(self, name: str) -> dict | None:
+        if name == "llamagen_vq16":
+            return {"model": VQModel(vq_16()).state_dict()}
+        if name in ("llamagen_b", "llamagen_l"):
+            return {"model": GPT(gpt_preset(name[-1].upper())).state_dict()}
+        if name in ("dd_llamagen_b", "dd_llamagen_l"):
+            gpt = gpt_preset(name[-1].upper())
+            return {"ema": DDStudent(DDConfig.from_gpt(gpt, vq_16().codebook_dim)).state_dict()}
+        return None
+
     def real_size_teacher(self) -> tuple[str, LlamaGenTeacher]:
         ar = GPT(gpt_preset("B"))
         return "B", LlamaGenTeacher(VQModel(vq_16()), ar)

@@ -20,8 +20,9 @@ class VARStudentConfig(VARConfig):
     n_d_embed_enable: bool = True       # add a learned "noise or data" embedding to every position
     layerwise_n_d_embed: bool = True    # ... through a per-block linear, plus one after the last block
     # Which tokens of its own scale a token sees. False: only itself (the released DD code, `(q > k) | eye`, which
-    # the released checkpoints were trained with); True: all of them, as the paper's App. B describes ("for VAR, all
-    # tokens generated at the same step can see each other as well")
+    # the released checkpoints were trained with, hence the default of this config); True: all of them, as the
+    # paper's App. B describes ("for VAR, all tokens generated at the same step can see each other as well"), the
+    # default for students distilled here (VARFamily.new_student_defaults, with the measurement)
     within_scale_attention: bool = False
 
     @classmethod
