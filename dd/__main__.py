@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify-golden": ("dd.golden.cli", "check our models against golden files recorded from the original code"),
     "download": ("dd.pipeline.download", "download released checkpoints (Hugging Face Hub, SHA-256 lock file)"),
+    "random-weights": ("dd.pipeline.random_weights", "a released file's stand-in with random weights (rehearsals)"),
     "train-tokenizer": ("dd.pipeline.tiny_teachers", "train a tiny tokenizer on the bundled 8x8 digits"),
     "train-teacher": ("dd.pipeline.tiny_teachers", "train a tiny AR teacher on the bundled 8x8 digits"),
     "release-tiny": ("dd.pipeline.tiny_teachers", "write the tiny teachers and classifier as release files + lock"),

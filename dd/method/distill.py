@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,7 +168,10 @@ def init_distributed(device: torch.device) -> DistState:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistState(dist.get_rank(), dist.get_world_size())
+    state = DistState(dist.get_rank(), dist.get_world_size())
+    if state.rank == 0:
+        print(f"distill: data-parallel, {state.world} processes ({dist.get_backend()})", file=sys.stderr, flush=True)
+    return state
 
 
 def effective_lr(cfg: DistillConfig) -> float:

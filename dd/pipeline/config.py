@@ -210,6 +210,9 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
     if released_family != family:
         problems.append((f"{k}.teacher.name", f"{tname!r} is a {released_family} teacher but teacher.family is "
                          f"{family!r}; {family} teachers: " + ", ".join(get_family(family).released_teachers)))
+    if teacher["weights"] == "random" and released.domain == "digits":
+        problems.append((f"{k}.teacher.weights", f"random weights stand in for downloaded files; {tname} is shipped "
+                         "in releases/tiny/: use weights: released"))
     if "released_student" in teacher:
         student = released_students()[teacher["released_student"]]
         if student.teacher != tname:
@@ -348,6 +351,13 @@ def config_problems(config: dict, base_dir: Path | None = None) -> list[tuple[st
             if res.get("gpu", 0) > 0 and config["device"] != "cuda":
                 problems.append((f"experiments.{name}.resources.{stage}.gpu", f"{res['gpu']} GPUs requested but "
                                  f"device is {config['device']!r}; set device: cuda or gpu: 0"))
+            processes = res.get("processes")
+            if processes is not None and stage != "distill":
+                problems.append((f"experiments.{name}.resources.{stage}.processes", "only the distill stage runs "
+                                 "data-parallel processes"))
+            elif processes is not None and res.get("gpu", 0) > 0 and processes != res["gpu"]:
+                problems.append((f"experiments.{name}.resources.{stage}.processes", f"{processes} processes for "
+                                 f"{res['gpu']} GPUs: torchrun starts one process per GPU"))
     return problems
 
 

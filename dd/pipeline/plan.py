@@ -55,16 +55,21 @@ class Plan:
     sets: dict[str, SampleSet]
     reference: str
     feature_weights: str
-    downloads: dict[str, str] = field(default_factory=dict)  # file under resources/checkpoints -> registry name/URL
+    lpips_backbone: str | None = None  # local LPIPS backbone weights (emb_loss lpips), else a random backbone
+    downloads: dict[str, str] = field(default_factory=dict)  # file under resources/checkpoints (or resources/random
+                                                             # with weights: random) -> registry name/URL
 
     def out(self, *parts: str) -> str:
         return "/".join(("results", self.name) + parts)
 
 
-def download_path(name_or_url: str) -> str:
+RANDOM_WEIGHTS = "resources/random"  # stand-ins with random weights (teacher.weights: random)
+
+
+def download_path(name_or_url: str, random: bool = False) -> str:
     from dd.pipeline.download import resolve
 
-    return f"{CHECKPOINTS}/{resolve(name_or_url).filename}"
+    return f"{RANDOM_WEIGHTS if random else CHECKPOINTS}/{resolve(name_or_url).filename}"
 
 
 def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
@@ -72,9 +77,10 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
     teacher = exp["teacher"]
     family, tname = teacher["family"], teacher["name"]
     downloads: dict[str, str] = {}
+    random = teacher.get("weights", "released") == "random"
 
     def fetch(name_or_url: str) -> str:
-        path = download_path(name_or_url)
+        path = download_path(name_or_url, random)
         downloads[path] = name_or_url
         return path
 
@@ -133,9 +139,10 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
     else:
         reference = fetch(ev["reference"])
         weights = fetch(ev["feature_weights_url"])
+    lpips_backbone = None
     if student_file is None and distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"]:
-        fetch(distill["lpips_backbone_url"])
+        lpips_backbone = fetch(distill["lpips_backbone_url"])
     return Plan(name=name, family=family, teacher_name=tname, teacher_label=tname, steps=steps,
                 image_size=image_size, tokenizer=tokenizer, model=model, released=released.original_format,
                 student_file=student_file, shards=shards, runs=runs, sets=sets, reference=reference,
-                feature_weights=weights, downloads=downloads)
+                feature_weights=weights, lpips_backbone=lpips_backbone, downloads=downloads)

@@ -16,8 +16,8 @@ def distill_inputs(wildcards):
     inputs = {**teacher_inputs(wildcards), "index": p.out("pairs", "index.json"), "shards": run.shards}
     if run.eval_every or d["emb_loss"] == "classifier":
         inputs.update(reference=p.reference, classifier=p.feature_weights)
-    if d["emb_loss"] == "lpips" and d["lpips_backbone_url"]:
-        inputs["lpips_backbone"] = download_path(d["lpips_backbone_url"])
+    if p.lpips_backbone:
+        inputs["lpips_backbone"] = p.lpips_backbone
     return inputs
 
 
@@ -43,8 +43,9 @@ def distill_options(wildcards, input):
 
 
 def distill_launcher(wildcards, resources):
-    if resources.gpu > 1:
-        return f"torchrun --standalone --nproc_per_node={resources.gpu} -m dd"
+    processes = exp_config(wildcards)["resources"]["distill"]["processes"] or resources.gpu
+    if processes > 1:  # one process per GPU (NCCL), or CPU processes on gloo (the rehearsals)
+        return f"torchrun --standalone --nproc_per_node={processes} -m dd"
     return PY
 
 

@@ -41,6 +41,25 @@ rule download:
         " --no-progress > {log} 2>&1"
 
 
+rule random_weights:
+    """teacher.weights: random (the rehearsal configs): a released file's stand-in with seeded random weights, in the
+    released format, under resources/random/ (nothing is downloaded)."""
+    output:
+        "resources/random/{filename}",
+    params:
+        name=lambda wc: DOWNLOADS[f"resources/random/{wc.filename}"],
+    log:
+        "resources/logs/random_{filename}.log",
+    benchmark:
+        "resources/benchmarks/random_{filename}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "{PY} random-weights {params.name:q} --out {output:q} > {log} 2>&1"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # snakemake tiny_teachers: retrain the shipped digits files (not part of the default run)
 # ---------------------------------------------------------------------------------------------------------------
