@@ -101,7 +101,7 @@ COMMANDS = {
     "sample student": "sample --family llamagen --tokenizer {tok} --model {ar} --method dd --num 2 --student {evil} "
                       "--steps 1 --out {tmp}/o.npz",
     "sample released student": "sample --family llamagen --tokenizer {tok} --model {ar} --method dd --num 2 "
-                               "--student {evil} --released-student --steps 1 --out {tmp}/o.npz",
+                               "--student {evil} --released-student --split-step 1 --steps 1 --out {tmp}/o.npz",
     "distill teacher": "distill --family llamagen --tokenizer {tok} --model {evil} --pairs {pairs} --out {tmp}/d",
     "distill resume": "distill --family llamagen --tokenizer {tok} --model {ar} --pairs {pairs} --out {resume}",
     "train-teacher tokenizer": "train-teacher --config " + str(REPO / "config/tiny/llamagen.yaml") +

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -168,9 +169,32 @@ def distill_specs(p: Plan, exp: dict, run_name: str) -> list[dict]:
              "benchmark": p.out("benchmarks", "distill", f"{run.name}.tsv")}]
 
 
+# the paper tables' columns, logged under the same names (so that MLflow's runs table and charts read as the tables)
+TABLE_METRICS = ("fid", "fid_std", "is", "is_std", "precision", "precision_std", "recall", "recall_std",
+                 "teacher_nll_bits", "teacher_nll_bits_std", "seconds_per_image", "speedup", "fid_vs_teacher",
+                 "fid_vs_teacher_std")
+
+
+def _table_metrics(p: Plan) -> dict[str, dict[str, float]]:
+    """set -> its row of the paper tables (dd.pipeline.report), numeric columns only; {} before the sets exist."""
+    from dd.pipeline.report import collect_rows
+
+    try:
+        rows = collect_rows(p.out(), list(p.sets), p.teacher_label)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for row in rows.to_dict("records"):
+        out[row["set"]] = {k: float(row[k]) for k in TABLE_METRICS
+                           if isinstance(row[k], (int, float)) and not math.isnan(float(row[k]))}
+    return out
+
+
 def sample_specs(p: Plan) -> list[dict]:
-    """A child run per sample set: its metrics, timing, settings and sample grid."""
+    """A child run per sample set: its metrics (also under the paper tables' column names), timing, settings and
+    sample grid."""
     specs = []
+    table = _table_metrics(p)
     for name, s in p.sets.items():
         info = p.out("samples", f"{name}.json")
         specs.append({"job": f"sample/{name}",
@@ -179,6 +203,7 @@ def sample_specs(p: Plan) -> list[dict]:
                       "tags_from": {"steps": [info, "steps"]},
                       "params_json": [info],
                       "metrics_json": {"": p.out("metrics", f"{name}.json"), "sample": info},
+                      "metrics": table.get(name, {}),
                       "benchmark": p.out("benchmarks", "samples", f"{name}.tsv"),
                       "artifacts": [[p.out("samples", f"{name}.png"), "grids"]]})
     return specs
