@@ -409,7 +409,8 @@ def config_from_args(args) -> DistillConfig:
         ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ce_weight=args.ce_weight, emb_weight=args.emb_weight,
         emb_loss=args.emb_loss, lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone,
         perceptual_classifier=args.perceptual_classifier,
-        lambda_t=args.lambda_t, student_config=dict(args.student_config), epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
+        lambda_t=args.lambda_t, student_config=dict(args.student_config), epochs=args.epochs,
+        max_steps=args.max_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, amp=not args.no_amp)
 
 

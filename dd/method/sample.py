@@ -184,8 +184,12 @@ def _check_args(args) -> None:
     if args.method in ("dd", "dd-teacher"):
         need("student")
         if args.released_student and args.split_step is None:  # the file does not record it
+            from dd.families.registry import FAMILIES
+
+            splits = ", ".join(f"{name} {r.split_step}" for f in FAMILIES.values()
+                               for name, r in f.released_students.items())
             raise SystemExit("sample: a released DD student needs --split-step, the split of its release's sampling "
-                             "script (Family.released_students: VAR-d16 6, d20/d24 5, LlamaGen-B 81, -L 131)")
+                             f"script ({splits})")
     if args.method == "dd-teacher":
         need("start", "second")
     if args.method == "skip":

@@ -16,7 +16,8 @@ Artifacts go to ``<store folder>/mlartifacts/`` (for ``results/mlflow.db``: ``re
 is written outside ``results/``. MLflow stores artifact locations as absolute URIs; a ``results/`` folder copied to
 another place (a cluster run browsed on a laptop) is re-rooted in place by ``relocate``
 (``python -m dd track relocate --store PATH/mlflow.db``). The experiment is tagged as a model-training experiment
-(``mlflow.experimentKind``), so MLflow's UI opens it on its runs rather than on the GenAI overview.
+(``mlflow.experimentKind``); MLflow 3.17's UI still opens on its global GenAI / Model-training switch (default GenAI),
+so the README's address adds ``?workflowType=machine_learning`` to open the runs table.
 
 Jobs do not log to MLflow while they run: they write files, and ``python -m dd track`` records them afterwards.
 """
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
-# MLflow 3's UI picks an experiment's view from this tag: model training (runs, charts), not the GenAI overview
+# the experiment's kind as MLflow records it: model training (runs, charts), not GenAI (the 3.17 UI's first view follows
+# its own GenAI / Model-training switch, see the module docstring)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 ARTIFACT_FOLDER = "mlartifacts"
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
