@@ -152,3 +152,39 @@ def test_new_student_depends_on_the_seed_only_not_on_the_global_rng(family):
     c = new_student(teacher, 1).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)   # the new layers do come from the seed
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_perceptual_clamp_decides_what_the_perceptual_loss_sees(family):
+    # perceptual_clamp (default True) compares images clamped to [-1, 1]; False the decoder's raw output, so that
+    # a saturated pixel of the prediction keeps its gradient
+    from dd.bench import tiny_teacher
+    from dd.method.distill import distill_losses, new_student
+
+    teacher = tiny_teacher(family, 0).teacher
+    emb = 4 * teacher.codebook[torch.randint(len(teacher.codebook), (2, teacher.n_tokens))]
+    raw = teacher.decode_embeddings(emb, clamp=False)
+    assert (raw.abs() > 1).any()
+    torch.testing.assert_close(teacher.decode_embeddings(emb), raw.clamp(-1, 1))
+
+    seen = []
+
+    class PixelDistance(torch.nn.Module):      # records what the loss is given
+        def forward(self, x, y):
+            seen.append(max(x.detach().abs().max().item(), y.abs().max().item()))
+            return (x - y).pow(2).mean((1, 2, 3))
+
+    student = new_student(teacher, 0)
+    with torch.no_grad():                       # predictions far out, so decoded pixels saturate
+        student.final_layer_conti.linear.weight.mul_(200)
+    labels, tokens = torch.tensor([0, 1]), torch.randint(len(teacher.codebook), (2, teacher.n_tokens))
+    noise, t_idx = torch.randn(2, teacher.n_tokens, teacher.codebook.shape[1]), torch.tensor([0, 0])
+    grads = {}
+    for clamp in (True, False):
+        cfg = DistillConfig(timesteps=[1], emb_loss="classifier", perceptual_classifier="unused",
+                            perceptual_clamp=clamp, ce_weight=0.0)
+        student.zero_grad()
+        distill_losses(student, teacher, cfg, labels, tokens, noise, t_idx, PixelDistance())["loss"].backward()
+        grads[clamp] = student.final_layer_conti.linear.weight.grad.norm().item()
+    assert seen[0] <= 1 and seen[1] > 1
+    assert grads[False] > grads[True]           # saturated pixels only carry gradient unclamped

@@ -62,7 +62,7 @@ class ToyTeacher(Teacher):
         state.step = step
         return F.softmax(logits, -1)
 
-    def decode_embeddings(self, emb):
+    def decode_embeddings(self, emb, clamp=True):   # tanh: never beyond [-1, 1], clamped or not
         B = emb.shape[0]
         return torch.tanh(self.to_pixels(emb).mean(1)).view(B, 3, 2, 2).repeat(1, 1, 2, 2)
 

@@ -139,8 +139,8 @@ def distill_losses(student: nn.Module, teacher: Teacher, cfg: DistillConfig, lab
         per = ((full - x0).pow(2).mean(-1) * weight).sum(1)
     else:
         with torch.no_grad():
-            target_img = teacher.decode_embeddings(x0)
-        pred_img = teacher.decode_embeddings(full)
+            target_img = teacher.decode_embeddings(x0, clamp=cfg.perceptual_clamp)
+        pred_img = teacher.decode_embeddings(full, clamp=cfg.perceptual_clamp)
         per = lpips_model(pred_img.float(), target_img.float()).flatten()
     emb_loss = (per * lam).mean()
     return {"ce": ce, "emb": emb_loss, "loss": cfg.ce_weight * ce + cfg.emb_weight * emb_loss}
@@ -385,6 +385,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lpips-backbone", default=None, help="local torchvision backbone weights (else random)")
     parser.add_argument("--perceptual-classifier", default=None,
                         help="--emb-loss classifier: the digits classifier checkpoint whose features it compares")
+    parser.add_argument("--no-perceptual-clamp", dest="perceptual_clamp", action="store_false",
+                        help="perceptual losses compare the decoder's raw output, not images clamped to [-1, 1]")
     parser.add_argument("--ce-weight", type=float, default=d.ce_weight)
     parser.add_argument("--emb-weight", type=float, default=d.emb_weight)
     parser.add_argument("--lambda-t", type=float, nargs="+", default=None, help="loss weight per timestep")
@@ -408,7 +410,7 @@ def config_from_args(args) -> DistillConfig:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ce_weight=args.ce_weight, emb_weight=args.emb_weight,
         emb_loss=args.emb_loss, lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone,
-        perceptual_classifier=args.perceptual_classifier,
+        perceptual_classifier=args.perceptual_classifier, perceptual_clamp=args.perceptual_clamp,
         lambda_t=args.lambda_t, student_config=dict(args.student_config), epochs=args.epochs,
         max_steps=args.max_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, amp=not args.no_amp)

@@ -161,8 +161,9 @@ class Teacher(nn.Module, ABC):
         return self.codebook[idx]
 
     @abstractmethod
-    def decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        """[B, n_tokens, C] (continuous allowed) -> images [B, 3, H, W] in [-1, 1] (clamped)."""
+    def decode_embeddings(self, emb: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """[B, n_tokens, C] (continuous allowed) -> images [B, 3, H, W] in [-1, 1] (clamped; ``clamp=False``:
+        the decoder's raw output, for a loss that should see pixels beyond the range)."""
 
     def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
         return self.decode_embeddings(self.embed(idx))

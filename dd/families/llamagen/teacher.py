@@ -127,14 +127,16 @@ class LlamaGenTeacher(Teacher):
         return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
     # --- tokens <-> images ---------------------------------------------------------------------
-    def decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
-        """[B, n, C] raster-order vectors (continuous allowed, not re-quantised) -> images in [-1, 1].
-        Differentiable: gradients flow to ``emb`` (e.g. for a perceptual loss on student outputs)."""
+    def decode_embeddings(self, emb: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """[B, n, C] raster-order vectors (continuous allowed, not re-quantised) -> images in [-1, 1]
+        (``clamp=False``: the decoder's raw output). Differentiable: gradients flow to ``emb`` (e.g. for a
+        perceptual loss on student outputs)."""
         B, n, C = emb.shape
         if n != self.grid ** 2:
             raise ValueError(f"expected {self.grid ** 2} tokens, got {n}")
         z = emb.reshape(B, self.grid, self.grid, C).permute(0, 3, 1, 2)
-        return self.tokenizer.decode(z).clamp(-1, 1)
+        img = self.tokenizer.decode(z)
+        return img.clamp(-1, 1) if clamp else img
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

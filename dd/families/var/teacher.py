@@ -142,10 +142,10 @@ class VARTeacher(Teacher):
         return probs_from_logits(self.next_logits(state), state.sampling)
 
     # --- tokens <-> images --------------------------------------------------------------------------
-    def decode_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
+    def decode_embeddings(self, emb: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         if emb.shape[1] != self.n_tokens:
             raise ValueError(f"expected {self.n_tokens} token vectors, got {emb.shape[1]}")
-        return self.tokenizer.decode_tokens(emb)
+        return self.tokenizer.decode_tokens(emb, clamp)
 
     def decode_prefix(self, emb_prefix: torch.Tensor) -> torch.Tensor:
         """Decode the first k tokens only: missing scales are left out of f_hat. A scale that is only

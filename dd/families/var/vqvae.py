@@ -430,8 +430,9 @@ class VQVAE(nn.Module):
     def img_to_idx(self, img: torch.Tensor) -> list[torch.Tensor]:
         return self.quantize.f_to_idx(self.img_to_f(img))
 
-    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+    def fhat_to_img(self, f_hat: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        img = self.decoder(self.post_quant_conv(f_hat))
+        return img.clamp(-1, 1) if clamp else img
 
     def tokens_to_fhat(self, emb: torch.Tensor) -> torch.Tensor:
         """f_hat from token vectors [B, k, C] of whole scales, concatenated coarse to fine (k may stop
@@ -449,9 +450,9 @@ class VQVAE(nn.Module):
             begin += pn * pn
         return f_hat
 
-    def decode_tokens(self, emb: torch.Tensor) -> torch.Tensor:
-        """Token vectors [B, k, C] (whole scales) -> images in [-1, 1]."""
-        return self.fhat_to_img(self.tokens_to_fhat(emb))
+    def decode_tokens(self, emb: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Token vectors [B, k, C] (whole scales) -> images in [-1, 1] (``clamp=False``: the decoder's raw output)."""
+        return self.fhat_to_img(self.tokens_to_fhat(emb), clamp)
 
     def idx_to_img(self, idx_list: list[torch.Tensor]) -> torch.Tensor:
         h = [self.quantize.codes_to_map(idx) for idx in idx_list]
