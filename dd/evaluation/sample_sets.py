@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dd.evaluation.digits import to_uint8
-from dd.io import atomic_write_bytes
+from dd.io import atomic_open
 
 SAMPLE_SET_FORMAT = "an .npz with 'images' uint8 [N, 3, H, W] (NCHW, 0..255) and optional 'labels' integer [N]"
 
@@ -133,6 +132,6 @@ def write_sample_set(path, images, labels=None, teacher_nll_bits=None) -> None:
         arrays["labels"] = sample_set.labels
     if sample_set.teacher_nll_bits is not None:
         arrays["teacher_nll_bits"] = sample_set.teacher_nll_bits
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    # streamed into the temporary file: no in-memory copy of the archive (50k images at 256 px are 9.8 GB)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
