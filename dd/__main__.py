@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("dd.evaluation.metrics", "FID / IS / precision / recall of a sample set (torch-fidelity)"),
     "track": ("dd.pipeline.track", "log finished pipeline jobs to the MLflow store"),
     "report": ("dd.pipeline.report", "tables (paper Tables 1-2) and figures (Fig. 1/6/7) from the results"),
+    "check-resources": ("dd.pipeline.resources", "check a configuration's declared job memory against a rehearsal's"),
     "clear-stale-locks": ("dd.pipeline.snakemake_locks", "remove Snakemake locks whose run was killed (pid gone)"),
     "bench": ("dd.bench", "benchmark DD against its teacher side by side"),
 }

@@ -130,3 +130,43 @@ def test_ci_rehearsal_of_llamagen_b(tmp_path):
     assert metrics["fid"] > 0 and set(metrics["not_computed"]) == {"kid", "prc"}
     assert len(list((results / "benchmarks").rglob("*.tsv"))) >= 20
     assert not list(Path(work, "resources").glob("checkpoints/*"))  # nothing downloaded
+    # the paper config's declared job memory against what this rehearsal measured, scaled to the paper's counts
+    r = subprocess.run([sys.executable, "-m", "dd", "check-resources", "--configfile", str(REPO / "config/llamagen_b.yaml"),
+                        "--rehearsal", str(tmp_path / "rehearsal.yaml"), "--benchmarks", str(work / "results")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {line.split()[1] for line in r.stdout.splitlines()[1:]} == {"pairs", "distill", "sample", "evaluate"}
+
+
+def _benchmarks(root: Path, rss: dict[str, float]) -> None:
+    """Snakemake benchmark files with the given max_rss (MB) per stage pattern."""
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for rel, mb in rss.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"1.0\t0:00:01\t{mb}\t1\t1\t1\t0\t0\t0\t1\n")
+
+
+def test_resource_check_refuses_allocations_too_small_or_ten_times_too_large(tmp_path):
+    from dd.pipeline.resources import MAX_OVER, check_resources
+
+    config = yaml.safe_load((REPO / "config/llamagen_b.yaml").read_text())
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(config))
+    bench = tmp_path / "results" / "llamagen_b" / "benchmarks"
+    _benchmarks(bench, {"pairs/shard_00000.tsv": 1500, "pairs/shard_00001.tsv": 1400, "distill/main.tsv": 12000,
+                        "samples/teacher.tsv": 2800, "metrics/teacher.tsv": 1100})
+    rehearsal = REPO / "config/rehearsal/llamagen_b.yaml"
+    checks = {c.stage: c for c in check_resources(tmp_path / "paper.yaml", rehearsal, tmp_path / "results")}
+    assert all(c.problem is None for c in checks.values()), checks
+    assert checks["pairs"].measured_mb == 1500                     # the peak over a stage's jobs
+    # the sample set at the paper's count: 50k uint8 images of 256 px on top of what the rehearsal measured
+    assert checks["sample"].need_mb > 2800 + 50_000 * 3 * 256 * 256 / 2 ** 20 - 1
+
+    res = config["experiments"]["llamagen_b"]["resources"]
+    res["sample"]["mem_mb"] = int(checks["sample"].need_mb) - 1    # would be killed for memory
+    res["evaluate"]["mem_mb"] = int(checks["evaluate"].need_mb * (MAX_OVER + 1))   # asks for 11x
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(config))
+    checks = {c.stage: c for c in check_resources(tmp_path / "paper.yaml", rehearsal, tmp_path / "results")}
+    assert "killed for memory" in checks["sample"].problem
+    assert "11.0x" in checks["evaluate"].problem
+    assert checks["pairs"].problem is None and checks["distill"].problem is None
