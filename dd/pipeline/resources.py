@@ -27,6 +27,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dd.pipeline.config import ConfigError, load_config, released_teachers
 
 CUDA_HOST_MB = 3000          # host memory of the CUDA runtime in a GPU process (libraries, context): typical, not measured
@@ -146,12 +148,93 @@ def add_arguments(parser) -> None:
                         help="its rehearsal configuration (config/rehearsal/<name>.yaml), already run")
     parser.add_argument("--benchmarks", type=Path, default=Path("results"),
                         help="the rehearsal's results folder (results/<experiment>/benchmarks inside)")
+    parser.add_argument("--gpu-estimate", action="store_true",
+                        help="also estimate the distillation's memory per GPU at the configuration's batch (VAR-d16 and "
+                             "LlamaGen-B experiments: their architectures are built with random weights here)")
 
 
 def main(args) -> int:
     checks = check_resources(args.configfile, args.rehearsal, args.benchmarks)
     print(format_table(checks))
+    if args.gpu_estimate:
+        import json
+
+        for name, exp in load_config(args.configfile)["experiments"].items():
+            estimate = distill_gpu_estimate(exp["teacher"]["family"], exp) if "distill" in exp else None
+            what = json.dumps(estimate) if estimate else "not estimated (only VAR-d16 and LlamaGen-B are built here)"
+            print(f"{name}: distillation per GPU: {what}")
     bad = [c for c in checks if c.problem]
     for c in bad:
         print(f"check-resources: experiments.{c.experiment}.resources.{c.stage}.mem_mb {c.problem}")
     return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU memory of a distillation step at the paper's per-GPU batch (not measurable on a CPU machine directly)
+# --------------------------------------------------------------------------------------------------
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``fn()`` builds its graph (each storage once,
+    parameters excluded: they are counted as model state). This is the per-batch memory of a training step that
+    does not depend on the device; CUDA's bf16 autocast keeps some of them in half precision, so the figure is an
+    upper bound for a GPU run."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.nn.Parameter) or t.requires_grad and t.is_leaf:
+            return t
+        key = (t.untyped_storage().data_ptr(), t.device.type)
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def distill_gpu_estimate(family: str, exp: dict, probes: tuple[int, int] = (1, 2)) -> dict | None:
+    """Per-GPU memory (GB) of the experiment's distillation at its real per-GPU batch: model states (student fp32
+    weights, gradients, AdamW moments and EMA: 20 bytes per parameter; teacher, tokenizer and LPIPS network 4 bytes
+    per parameter) plus the activations autograd keeps, measured at two small batches on the family's smallest real
+    architecture with random weights (LlamaGen-B, VAR-d16) and scaled linearly to the per-GPU batch."""
+    import torch
+
+    from dd.bench import real_size_teacher
+    from dd.families.loading import student_from_teacher
+    from dd.method.distill import build_lpips, distill_losses
+    from dd.method.settings import DistillConfig
+
+    d, res = exp["distill"], exp["resources"]["distill"]
+    gpus = max(int(res["gpu"] or 0), 1)
+    bench = real_size_teacher(family)
+    if not exp["teacher"]["name"].lower().endswith(bench.config.lower()):
+        return None
+    teacher = bench.teacher.eval().requires_grad_(False)
+    student = student_from_teacher(teacher, **(d.get("student_config") or {})).train()
+    cfg = DistillConfig(timesteps=list(d["timesteps"]), batch_size=probes[-1], emb_loss=d["emb_loss"], seed=0)
+    lp = build_lpips(cfg, "cpu") if d["emb_loss"] == "lpips" else None
+    V, C = teacher.codebook.shape
+    g = torch.Generator().manual_seed(0)
+    n = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0   # noqa: E731
+    states = 20 * n(student) + 4 * (n(teacher) + (n(lp) if lp is not None else 0))
+    per_gpu_batch = d["batch_size"] // gpus
+    gb = 1e9
+    out = {"architecture": bench.config, "per_gpu_batch": per_gpu_batch, "gpus": gpus,
+           "model_states_gb": round(states / gb, 2)}
+    # fp32, and under bf16 autocast as `dd distill` runs on CUDA (amp; CPU autocast stands in for CUDA's here)
+    for precision in ("fp32", "bf16_autocast"):
+        measured = {}
+        for b in probes:
+            labels = torch.randint(teacher.num_classes, (b,), generator=g)
+            tokens = torch.randint(V, (b, teacher.n_tokens), generator=g)
+            noise = torch.randn(b, teacher.n_tokens, C, generator=g)
+            t_idx = torch.arange(b) % len(cfg.timesteps)      # every timestep of the set, the first one included
+            with torch.autocast("cpu", torch.bfloat16, enabled=precision != "fp32"):
+                measured[b] = saved_activation_bytes(
+                    lambda: distill_losses(student, teacher, cfg, labels, tokens, noise, t_idx, lp)["loss"])
+        per_sample = (measured[probes[1]] - measured[probes[0]]) / (probes[1] - probes[0])
+        activations = measured[probes[0]] + per_sample * (per_gpu_batch - probes[0])
+        out[precision] = {"activations_per_sample_gb": round(per_sample / gb, 3),
+                          "activations_gb": round(activations / gb, 1),
+                          "total_gb": round((states + activations) / gb, 1)}
+    return out
