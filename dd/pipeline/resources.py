@@ -19,7 +19,7 @@ A declared ``mem_mb`` fails when it is below the need (the job would be killed f
 ``MAX_OVER`` times it (it asks ten times what it uses).
 
     python -m dd check-resources --configfile config/llamagen_b.yaml \
-        --rehearsal config/rehearsal/llamagen_b.yaml --benchmarks results/llamagen_b/benchmarks
+        --rehearsal config/rehearsal/llamagen_b.yaml --benchmarks results
 """
 from __future__ import annotations
 
