@@ -64,6 +64,26 @@ class ARState:
     cache: Any = None
 
 
+def draw_tokens(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token index per row of ``p`` [N, V] (rows of probabilities): [N, 1].
+
+    ``dd sample`` keeps one CPU generator, so that a seed names the same sample set on every device. torch's
+    multinomial needs the generator on the probabilities' device, so a generator elsewhere draws the uniforms on
+    its own device and the draw inverts the cumulative distribution on ``p``'s (``inverse_cdf_draw``)."""
+    if generator is None or generator.device == p.device:
+        return torch.multinomial(p, 1, generator=generator)
+    u = torch.rand(p.shape[0], 1, generator=generator, device=generator.device, dtype=torch.float64)
+    return inverse_cdf_draw(p, u.to(p.device))
+
+
+def inverse_cdf_draw(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index i with cdf[i-1] <= u * cdf[-1] < cdf[i] per row, for uniforms ``u`` [N, 1] in [0, 1): a token of
+    zero probability (a flat step of the cdf) is never drawn; the cdf is summed in float64."""
+    cdf = p.double().cumsum(-1)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return idx.clamp_(max=p.shape[-1] - 1)
+
+
 class Teacher(nn.Module, ABC):
     family: str = ""
 
@@ -138,7 +158,7 @@ class Teacher(nn.Module, ABC):
         for _ in range(self.n_steps if n_steps is None else n_steps):
             p = self.next_probs(state)
             B, S, V = p.shape
-            idx = torch.multinomial(p.reshape(B * S, V), 1, generator=generator).view(B, S)
+            idx = draw_tokens(p.reshape(B * S, V), generator).view(B, S)
             self.append(state, idx)
         return torch.cat(state.tokens, dim=1)
 
