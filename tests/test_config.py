@@ -102,6 +102,8 @@ BAD_VALUES = [
     ("experiments.tiny_var.evaluation.reference", "fid_imagenet256", ["reference"]),     # wrong reference
     ("experiments.tiny_var.ablations.pair_set_sizes", [800], ["pair_set_sizes"]),        # not whole shards
     ("experiments.tiny_var.ablations.timesteps", [[1, 4]], ["already distilled"]),       # duplicate run
+    ("experiments.tiny_var.distill.micro_batch_size", 0, ["micro_batch_size"]),          # not positive
+    ("experiments.tiny_var.distill.micro_batch_size", 7, ["micro_batch_size", "does not divide"]),  # uneven
     ("mlflow.enabled", "yes", ["mlflow.enabled"]),                                       # string for boolean
 ]
 

@@ -188,3 +188,37 @@ def test_perceptual_clamp_decides_what_the_perceptual_loss_sees(family):
         grads[clamp] = student.final_layer_conti.linear.weight.grad.norm().item()
     assert seen[0] <= 1 and seen[1] > 1
     assert grads[False] > grads[True]           # saturated pixels only carry gradient unclamped
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_micro_batches_accumulate_the_whole_batch_gradient(family):
+    # micro_batch_size (fitting the paper's 64 samples per GPU into an 80 GB GPU) must not change the update:
+    # the gradient and losses of 8 samples in micro-batches of 2 and 3 (uneven: 3+3+2) equal those of 8 at once
+    import copy
+
+    from dd.bench import tiny_teacher
+    from dd.method.distill import new_student, optimisation_step
+
+    teacher = tiny_teacher(family, 0).teacher.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    V, C = teacher.codebook.shape
+    batch = (torch.arange(8) % teacher.num_classes, torch.randint(V, (8, teacher.n_tokens), generator=g),
+             torch.randn(8, teacher.n_tokens, C, generator=g), torch.tensor([0, 1] * 4))
+    base = new_student(teacher, 0)
+    results = {}
+    for micro in (None, 2, 3):
+        student = copy.deepcopy(base)
+        cfg = replace(CFG, batch_size=8, micro_batch_size=micro, grad_clip=1e9)
+        opt = torch.optim.SGD(student.parameters(), lr=0.0)     # keeps the weights: the gradients are compared
+        losses, norm = optimisation_step(student, student, teacher, cfg, batch, opt, None, False, 0)
+        results[micro] = ({k: v.item() for k, v in losses.items()}, [p.grad.clone() for p in student.parameters()])
+    for micro in (2, 3):
+        assert results[micro][0] == pytest.approx(results[None][0], rel=1e-5)
+        for a, b in zip(results[micro][1], results[None][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in results[None][1])
+
+
+def test_micro_batch_that_does_not_divide_the_per_process_batch_is_refused(tmp_path, shards):
+    with pytest.raises(DistillError, match="micro_batch_size 3 does not divide the per-process batch 8"):
+        run(tmp_path / "out", shards, cfg=replace(CFG, micro_batch_size=3))

@@ -16,7 +16,7 @@ from dd.pipeline.random_weights import random_release
 
 PAPER = ["var_d16", "llamagen_b", "llamagen_l", "released_dd"]
 # what a rehearsal may change: counts, device, resources, weights, the MLflow experiment name
-COUNTS = {"num_pairs", "shard_size", "chunk", "batch_size", "epochs", "max_steps", "checkpoint_every", "num",
+COUNTS = {"num_pairs", "shard_size", "chunk", "batch_size", "micro_batch_size", "epochs", "max_steps", "checkpoint_every", "num",
           "splits", "isc_splits", "kid_subsets"}
 
 

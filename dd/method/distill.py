@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -228,6 +229,42 @@ def _diagnose_gradients(step, student, losses, cfg) -> str:
     return ", ".join(bad) or "unknown"
 
 
+def optimisation_step(model: nn.Module, student: nn.Module, teacher: Teacher, cfg: DistillConfig, batch, opt,
+                      lpips_model, use_amp: bool, step: int) -> tuple[dict, torch.Tensor]:
+    """One update of the student on one (per-process) batch ``(labels, tokens, noise, t_idx)``: the losses under
+    bf16 autocast (``use_amp``) and their gradients, accumulated over micro-batches of ``cfg.micro_batch_size``
+    (each weighted by its share of the batch: the losses are means over samples, so the update is the whole
+    batch's), gradient clipping and the optimiser step. ``model`` is the student or its DDP wrapper, which
+    all-reduces the gradients once, after the last micro-batch. Raises (naming the loss term) on a non-finite loss
+    or gradient, before the weights change. Returns the batch's losses and the gradient norm."""
+    n, device_type = len(batch[0]), batch[2].device.type
+    micro = cfg.micro_batch_size or n
+    starts = range(0, n, micro)
+    opt.zero_grad(set_to_none=True)
+    losses = {}
+    for start in starts:
+        part = [x[start:start + micro] for x in batch]
+        share = len(part[0]) / n
+        last = start == starts[-1]
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
+        with sync:
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
+                micro_losses = distill_losses(model, teacher, cfg, *part, lpips_model)
+            _check_finite(step, micro_losses)
+            (micro_losses["loss"] * share).backward()
+        for k, v in micro_losses.items():
+            losses[k] = losses.get(k, 0.0) + v.detach() * share
+    grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    if not torch.isfinite(grad_norm):
+        part = [x[:micro] for x in batch]
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
+            culprit = _diagnose_gradients(step, student, distill_losses(student, teacher, cfg, *part, lpips_model), cfg)
+        raise DistillError(f"non-finite gradient at step {step} (from loss term(s): {culprit}); "
+                           f"the last good checkpoint is kept")
+    opt.step()
+    return losses, grad_norm
+
+
 def new_student(teacher: Teacher, seed: int, overrides: dict | None = None) -> nn.Module:
     """The student initialised from the teacher, its new layers (noise-token input, noise/data embedding,
     embedding head) drawn from ``seed``. Not from the global RNG as it happens to be: torch seeds that
@@ -254,6 +291,9 @@ def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: Pai
             remove_stale_temps(own)
     if cfg.batch_size % dist_state.world:
         raise DistillError(f"batch_size {cfg.batch_size} is not divisible by the {dist_state.world} processes")
+    if cfg.micro_batch_size and (cfg.batch_size // dist_state.world) % cfg.micro_batch_size:
+        raise DistillError(f"micro_batch_size {cfg.micro_batch_size} does not divide the per-process batch "
+                           f"{cfg.batch_size // dist_state.world} (batch_size {cfg.batch_size} / {dist_state.world} processes)")
 
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
@@ -301,19 +341,8 @@ def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: Pai
         t_idx = batch_timesteps(cfg, cfg.batch_size, step)
         sl = slice(dist_state.rank * local, (dist_state.rank + 1) * local)
         labels, tokens, noise = (x.to(device) for x in pairs.get(idx[sl]))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            losses = distill_losses(model, teacher, cfg, labels, tokens, noise, t_idx[sl].to(device), lpips_model)
-        _check_finite(step, losses)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                losses = distill_losses(student, teacher, cfg, labels, tokens, noise, t_idx[sl].to(device), lpips_model)
-            culprit = _diagnose_gradients(step, student, losses, cfg)
-            raise DistillError(f"non-finite gradient at step {step} (from loss term(s): {culprit}); "
-                               f"the last good checkpoint is kept")
-        opt.step()
+        losses, grad_norm = optimisation_step(model, student, teacher, cfg, (labels, tokens, noise, t_idx[sl].to(device)),
+                                              opt, lpips_model, use_amp, step)
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
         ema.update(student, decay)
@@ -378,6 +407,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     parser.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="per-process micro-batch: gradients are accumulated (default: the whole per-process batch)")
     parser.add_argument("--ema-decay", type=float, default=d.ema_decay)
     parser.add_argument("--ema-warmup", action="store_true")
     parser.add_argument("--emb-loss", choices=EMB_LOSSES, default=d.emb_loss)
@@ -406,7 +437,7 @@ def add_arguments(parser) -> None:
 
 def config_from_args(args) -> DistillConfig:
     return DistillConfig(
-        timesteps=list(args.timesteps), batch_size=args.batch_size, lr=args.lr, lr_per_256=args.lr_per_256,
+        timesteps=list(args.timesteps), batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr, lr_per_256=args.lr_per_256,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ce_weight=args.ce_weight, emb_weight=args.emb_weight,
         emb_loss=args.emb_loss, lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone,

@@ -341,6 +341,20 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
     return problems
 
 
+def distill_batch_problems(name: str, exp: dict) -> list[tuple[str, str]]:
+    """The global batch splits evenly over the distillation's processes, and each share into micro-batches."""
+    d, res = exp["distill"], exp["resources"]["distill"]
+    processes = res.get("processes") or max(res.get("gpu", 0), 1)
+    if d["batch_size"] % processes:
+        return [(f"experiments.{name}.distill.batch_size", f"{d['batch_size']} does not split evenly over the "
+                 f"{processes} distillation processes")]
+    micro, share = d.get("micro_batch_size"), d["batch_size"] // processes
+    if micro and share % micro:
+        return [(f"experiments.{name}.distill.micro_batch_size", f"{micro} does not divide the per-process batch "
+                 f"{share} (batch_size {d['batch_size']} / {processes} processes)")]
+    return []
+
+
 def config_problems(config: dict, base_dir: Path | None = None) -> list[tuple[str, str]]:
     problems = []
     gpus = 0
@@ -358,6 +372,8 @@ def config_problems(config: dict, base_dir: Path | None = None) -> list[tuple[st
             elif processes is not None and res.get("gpu", 0) > 0 and processes != res["gpu"]:
                 problems.append((f"experiments.{name}.resources.{stage}.processes", f"{processes} processes for "
                                  f"{res['gpu']} GPUs: torchrun starts one process per GPU"))
+        if "distill" in exp and "distill" in exp.get("resources", {}):
+            problems += distill_batch_problems(name, exp)
     return problems
 
 

@@ -33,6 +33,8 @@ def distill_options(wildcards, input):
         opts.append("--ema-warmup")
     if d["student_config"]:
         opts.append(f"--student-config {shlex.quote(json.dumps(d['student_config'], sort_keys=True))}")
+    if d["micro_batch_size"]:
+        opts.append(f"--micro-batch-size {d['micro_batch_size']}")
     if not d["perceptual_clamp"]:
         opts.append("--no-perceptual-clamp")
     if d["emb_loss"] == "classifier":   # the perceptual loss on the digits classifier's features
