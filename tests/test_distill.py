@@ -112,12 +112,14 @@ DDP_SCRIPT = r"""
 import sys, json, torch
 sys.path.insert(0, {tests!r})
 from toy import ToyTeacher, ToyStudent
+from dataclasses import replace
 from dd.method.distill import DistillConfig, PairSet, distill
 from dd.io import JsonlLogger
 from test_distill import CFG
 t = ToyTeacher()
 log = JsonlLogger({log!r})
-distill(CFG, t, ToyStudent(t), PairSet({shards!r}, t, "toy"), {out!r}, logger=log, progress=False)
+distill(replace(CFG, micro_batch_size={micro!r}), t, ToyStudent(t), PairSet({shards!r}, t, "toy"), {out!r}, logger=log,
+        progress=False)
 log.close()
 """
 
@@ -126,16 +128,19 @@ def test_two_process_gloo_matches_one_process(tmp_path, shards):
     tests = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), tests]), "OMP_NUM_THREADS": "1"}
     logs = {}
-    for n in (1, 2):
-        script = tmp_path / f"ddp{n}.py"
-        script.write_text(DDP_SCRIPT.format(tests=tests, log=str(tmp_path / f"log{n}.jsonl"),
-                                            shards=[str(s) for s in shards], out=str(tmp_path / f"out{n}")))
+    # (processes, micro-batch): 2 processes of 4 samples each, also in micro-batches of 2 (DDP syncs once per step)
+    for n, micro in ((1, None), (2, None), (2, 2)):
+        script = tmp_path / f"ddp{n}_{micro}.py"
+        script.write_text(DDP_SCRIPT.format(tests=tests, log=str(tmp_path / f"log{n}_{micro}.jsonl"), micro=micro,
+                                            shards=[str(s) for s in shards], out=str(tmp_path / f"out{n}_{micro}")))
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                         str(script)], env=env, check=True, capture_output=True, timeout=300)
-        logs[n] = losses_of(tmp_path / f"log{n}.jsonl")
-    assert logs[1].keys() == logs[2].keys() == set(range(1, 7))
-    for s in logs[1]:
-        assert logs[2][s] == pytest.approx(logs[1][s], rel=1e-5, abs=1e-6), s
+        logs[n, micro] = losses_of(tmp_path / f"log{n}_{micro}.jsonl")
+    one = logs[1, None]
+    assert one.keys() == logs[2, None].keys() == logs[2, 2].keys() == set(range(1, 7))
+    for s in one:
+        assert logs[2, None][s] == pytest.approx(one[s], rel=1e-5, abs=1e-6), s
+        assert logs[2, 2][s] == pytest.approx(one[s], rel=1e-5, abs=1e-6), s
 
 
 @pytest.mark.parametrize("family", ["llamagen", "var"])

@@ -170,3 +170,13 @@ def test_resource_check_refuses_allocations_too_small_or_ten_times_too_large(tmp
     assert "killed for memory" in checks["sample"].problem
     assert "11.0x" in checks["evaluate"].problem
     assert checks["pairs"].problem is None and checks["distill"].problem is None
+
+
+def test_gpu_measurement_needs_a_cuda_device_and_says_so():
+    # --gpu-measure runs the real stages on CUDA; on a machine without one it stops before building any model
+    r = subprocess.run([sys.executable, "-m", "dd", "check-resources", "--configfile", str(REPO / "config/llamagen_b.yaml"),
+                        "--gpu-measure", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--gpu-measure needs a CUDA device" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "dd", "check-resources", "--configfile", str(REPO / "config/llamagen_b.yaml")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--rehearsal" in r.stderr and "--gpu-measure" in r.stderr

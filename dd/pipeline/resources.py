@@ -20,6 +20,9 @@ A declared ``mem_mb`` fails when it is below the need (the job would be killed f
 
     python -m dd check-resources --configfile config/llamagen_b.yaml \
         --rehearsal config/rehearsal/llamagen_b.yaml --benchmarks results
+
+GPU memory cannot be measured on a CPU machine; on a CUDA device, ``--gpu-measure`` runs each GPU stage's own code
+at the configuration's batch sizes with its teacher architecture in random weights (``measure_gpu_stages``).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from dd.pipeline.config import ConfigError, load_config, released_teachers
 CUDA_HOST_MB = 3000          # host memory of the CUDA runtime in a GPU process (libraries, context): typical, not measured
 MAX_OVER = 10
 MB = 1 << 20
+GPU_STAGES = ("pairs", "distill", "sample")
 STAGE_BENCHMARKS = {"pairs": "pairs/shard_*.tsv", "distill": "distill/main.tsv", "sample": "samples/*.tsv",
                     "evaluate": "metrics/*.tsv"}
 
@@ -144,25 +148,46 @@ def format_table(checks: list[StageCheck]) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--configfile", type=Path, required=True, help="the configuration whose resources to check")
-    parser.add_argument("--rehearsal", type=Path, required=True,
-                        help="its rehearsal configuration (config/rehearsal/<name>.yaml), already run")
+    parser.add_argument("--rehearsal", type=Path, default=None,
+                        help="its rehearsal configuration (config/rehearsal/<name>.yaml), already run: check the "
+                             "declared host memory (mem_mb) against the rehearsal's measured peaks")
     parser.add_argument("--benchmarks", type=Path, default=Path("results"),
                         help="the rehearsal's results folder (results/<experiment>/benchmarks inside)")
-    parser.add_argument("--gpu-estimate", action="store_true",
-                        help="also estimate the distillation's memory per GPU at the configuration's batch (VAR-d16 and "
-                             "LlamaGen-B experiments: their architectures are built with random weights here)")
+    parser.add_argument("--gpu-measure", action="store_true",
+                        help="on a CUDA device: run pair generation, a distillation step and sampling at the "
+                             "configuration's batch sizes, with its teachers' architectures in random weights, and "
+                             "report peak GPU memory and projected job runtimes")
+    parser.add_argument("--stages", nargs="+", choices=GPU_STAGES, default=list(GPU_STAGES),
+                        help="the stages --gpu-measure runs")
+    parser.add_argument("--device", default="cuda", help="the CUDA device of --gpu-measure")
+    parser.add_argument("--json", type=Path, default=None, help="write --gpu-measure's results here")
 
 
 def main(args) -> int:
-    checks = check_resources(args.configfile, args.rehearsal, args.benchmarks)
-    print(format_table(checks))
-    if args.gpu_estimate:
-        import json
+    import json
 
-        for name, exp in load_config(args.configfile)["experiments"].items():
-            estimate = distill_gpu_estimate(exp["teacher"]["family"], exp) if "distill" in exp else None
-            what = json.dumps(estimate) if estimate else "not estimated (only VAR-d16 and LlamaGen-B are built here)"
-            print(f"{name}: distillation per GPU: {what}")
+    if not (args.rehearsal or args.gpu_measure):
+        raise SystemExit("check-resources: give --rehearsal (host memory) or --gpu-measure (GPU memory, on CUDA)")
+    config = load_config(args.configfile)
+    if args.gpu_measure:
+        device = torch.device(args.device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise SystemExit(f"check-resources: --gpu-measure needs a CUDA device, got --device {args.device} "
+                             f"(CUDA available: {torch.cuda.is_available()})")
+    checks = []
+    if args.rehearsal:
+        checks = check_resources(args.configfile, args.rehearsal, args.benchmarks)
+        print(format_table(checks))
+    measured = {}
+    for name, exp in config["experiments"].items():
+        if args.gpu_measure:
+            measured[name] = measure_gpu_stages(exp, torch.device(args.device), stages=args.stages)
+            what = json.dumps(measured[name]) if measured[name] else "not measured (not a released architecture)"
+            print(f"{name}: measured on the GPU: {what}", flush=True)
+    if args.json and measured:
+        from dd.io import atomic_write_json
+
+        atomic_write_json(args.json, measured)
     bad = [c for c in checks if c.problem]
     for c in bad:
         print(f"check-resources: experiments.{c.experiment}.resources.{c.stage}.mem_mb {c.problem}")
@@ -170,71 +195,136 @@ def main(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# GPU memory of a distillation step at the paper's per-GPU batch (not measurable on a CPU machine directly)
+# GPU memory and time of each GPU stage, measured on a CUDA device at the configuration's batch sizes
 # --------------------------------------------------------------------------------------------------
-def saved_activation_bytes(fn) -> int:
-    """Bytes of the tensors autograd keeps for backward while ``fn()`` builds its graph (each storage once,
-    parameters excluded: they are counted as model state). This is the per-batch memory of a training step that
-    does not depend on the device; CUDA's bf16 autocast keeps some of them in half precision, so the figure is an
-    upper bound for a GPU run."""
-    seen: dict[tuple, int] = {}
+def _cuda_stage(device, fn, repeats: int = 1) -> dict:
+    """Peak GPU memory (GB, allocated by tensors and reserved by the caching allocator) and the median seconds of
+    ``repeats`` timed calls of ``fn``, after one untimed call."""
+    import time
 
-    def pack(t):
-        if isinstance(t, torch.nn.Parameter) or t.requires_grad and t.is_leaf:
-            return t
-        key = (t.untyped_storage().data_ptr(), t.device.type)
-        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
-
-
-def distill_gpu_estimate(family: str, exp: dict, probes: tuple[int, int] = (1, 2)) -> dict | None:
-    """Per-GPU memory (GB) of the experiment's distillation at its real per-GPU batch: model states (student fp32
-    weights, gradients, AdamW moments and EMA: 20 bytes per parameter; teacher, tokenizer and LPIPS network 4 bytes
-    per parameter) plus the activations autograd keeps, measured at two small batches on the family's smallest real
-    architecture with random weights (LlamaGen-B, VAR-d16) and scaled linearly to the per-GPU batch."""
-    import torch
-
-    from dd.bench import real_size_teacher
-    from dd.families.loading import student_from_teacher
-    from dd.method.distill import build_lpips, distill_losses
-    from dd.method.settings import DistillConfig
-
-    d, res = exp["distill"], exp["resources"]["distill"]
-    gpus = max(int(res["gpu"] or 0), 1)
-    bench = real_size_teacher(family)
-    if not exp["teacher"]["name"].lower().endswith(bench.config.lower()):
-        return None
-    teacher = bench.teacher.eval().requires_grad_(False)
-    student = student_from_teacher(teacher, **(d.get("student_config") or {})).train()
-    cfg = DistillConfig(timesteps=list(d["timesteps"]), batch_size=probes[-1], emb_loss=d["emb_loss"], seed=0)
-    lp = build_lpips(cfg, "cpu") if d["emb_loss"] == "lpips" else None
-    V, C = teacher.codebook.shape
-    g = torch.Generator().manual_seed(0)
-    n = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0   # noqa: E731
-    states = 20 * n(student) + 4 * (n(teacher) + (n(lp) if lp is not None else 0))
-    per_gpu_batch = d["batch_size"] // gpus
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
     gb = 1e9
-    out = {"architecture": bench.config, "per_gpu_batch": per_gpu_batch, "gpus": gpus,
-           "model_states_gb": round(states / gb, 2)}
-    # fp32, and under bf16 autocast as `dd distill` runs on CUDA (amp; CPU autocast stands in for CUDA's here)
-    for precision in ("fp32", "bf16_autocast"):
-        measured = {}
-        for b in probes:
-            labels = torch.randint(teacher.num_classes, (b,), generator=g)
-            tokens = torch.randint(V, (b, teacher.n_tokens), generator=g)
-            noise = torch.randn(b, teacher.n_tokens, C, generator=g)
-            t_idx = torch.arange(b) % len(cfg.timesteps)      # every timestep of the set, the first one included
-            with torch.autocast("cpu", torch.bfloat16, enabled=precision != "fp32"):
-                measured[b] = saved_activation_bytes(
-                    lambda: distill_losses(student, teacher, cfg, labels, tokens, noise, t_idx, lp)["loss"])
-        per_sample = (measured[probes[1]] - measured[probes[0]]) / (probes[1] - probes[0])
-        activations = measured[probes[0]] + per_sample * (per_gpu_batch - probes[0])
-        out[precision] = {"activations_per_sample_gb": round(per_sample / gb, 3),
-                          "activations_gb": round(activations / gb, 1),
-                          "total_gb": round((states + activations) / gb, 1)}
+    return {"peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / gb, 2),
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / gb, 2),
+            "seconds": round(sorted(times)[len(times) // 2], 4)}
+
+
+def random_weight_teacher(name: str, workdir: Path):
+    """The released teacher ``name``'s architecture with random weights, through the released files' loader (the
+    stand-ins of ``python -m dd random-weights``); None for a teacher not in the original formats (the digits)."""
+    from dd.families.registry import get_family
+    from dd.pipeline.random_weights import write_random_release
+
+    family, released = released_teachers()[name]
+    if not released.original_format:
+        return None
+    tok, model = workdir / f"{name}.tokenizer.pt", workdir / f"{name}.model.pt"
+    write_random_release(released.tokenizer, tok)
+    write_random_release(released.model, model)
+    return get_family(family).load_released_teacher(tok, model)
+
+
+def measure_gpu_stages(exp: dict, device, stages=GPU_STAGES, distill_repeats: int = 3) -> dict | None:
+    """Run each GPU stage's real work once or a few times on ``device`` at the experiment's real batch sizes,
+    with the experiment's teacher architecture in random weights, and report its peak GPU memory and time,
+    projected to the job's runtime (minutes) next to the declared one:
+
+    * ``pairs``: one chunk of ``pairs.chunk`` pairs through ``flow_trajectory`` (teacher + flow map, float32, as
+      ``generate-pairs`` runs it); a shard job writes ``shard_size`` pairs;
+    * ``distill``: ``optimisation_step`` + EMA (``dd distill``'s step: bf16 autocast, the configured loss and
+      micro-batches, AdamW) at the per-GPU batch ``batch_size / gpus``; a run takes ``epochs * num_pairs /
+      batch_size`` steps (one GPU alone: the all-reduce of several is not measured);
+    * ``sample``: one batch of ``sample.batch_size`` for the teacher (its slowest method), DD 1-step and 2-step,
+      each decoded and scored by ``teacher_nll_bits`` as ``dd sample`` does; a job writes ``sample.num`` images.
+
+    LPIPS's backbone is randomly initialised (same architecture and size as the released one). None when the
+    experiment's teacher is not a released architecture."""
+    import tempfile
+
+    from dd.families.loading import student_from_teacher
+    from dd.families.registry import get_family
+    from dd.method.distill import EMA, build_perceptual, optimisation_step
+    from dd.method.pairs import flow_trajectory
+    from dd.method.sample import dd_sample, decode_in_batches, teacher_nll_bits, teacher_sample
+    from dd.method.settings import DistillConfig
+    from dd.method.student import nearest_code_matmul
+
+    family = exp["teacher"]["family"]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = random_weight_teacher(exp["teacher"]["name"], Path(tmp))
+    if teacher is None:
+        return None
+    fam = get_family(family)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    V, C = teacher.codebook.shape
+    n, res = teacher.n_tokens, exp["resources"]
+    g = torch.Generator(device=device).manual_seed(0)
+    out = {"teacher": exp["teacher"]["name"], "device": torch.cuda.get_device_name(device)}
+
+    def runtime(stage: str, minutes: float) -> dict:
+        return {"projected_runtime_min": round(minutes, 1), "declared_runtime_min": res[stage].get("runtime")}
+
+    p = exp.get("pairs")
+    if p and "pairs" in stages:
+        sampling = fam.default_sampling(p["cfg"])
+        labels = torch.arange(p["chunk"], device=device) % teacher.num_classes
+        noise = torch.randn(p["chunk"], n, C, device=device, generator=g)
+        with torch.no_grad():
+            r = _cuda_stage(device, lambda: flow_trajectory(teacher, labels, noise, sampling, p["nfe"], p["order"]))
+        out["pairs"] = {"batch": p["chunk"], **r, **runtime("pairs", r["seconds"] / p["chunk"] * p["shard_size"] / 60)}
+
+    if p and "distill" in exp and "distill" in stages:
+        d = exp["distill"]
+        gpus = max(int(res["distill"]["gpu"] or 0), 1)
+        b = d["batch_size"] // gpus
+        cfg = DistillConfig(timesteps=list(d["timesteps"]), batch_size=b, micro_batch_size=d["micro_batch_size"],
+                            emb_loss=d["emb_loss"], seed=0)
+        student = student_from_teacher(teacher, **(d.get("student_config") or {})).to(device).train()
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=tuple(cfg.betas))
+        ema, lp = EMA(student), build_perceptual(cfg, device)
+        batch = (torch.arange(b, device=device) % teacher.num_classes, torch.randint(V, (b, n), device=device, generator=g),
+                 torch.randn(b, n, C, device=device, generator=g), torch.arange(b, device=device) % len(cfg.timesteps))
+
+        def step():
+            optimisation_step(student, student, teacher, cfg, batch, opt, lp, True, 0)
+            ema.update(student, 0.9999)
+
+        r = _cuda_stage(device, step, distill_repeats)
+        steps = d["max_steps"] or d["epochs"] * p["num_pairs"] / d["batch_size"]
+        out["distill"] = {"per_gpu_batch": b, "micro_batch": cfg.micro_batch_size or b, "gpus": gpus,
+                          "emb_loss": d["emb_loss"], **r,
+                          **runtime("distill", r["seconds"] * steps / 60)}
+        del student, opt, ema, lp, batch
+
+    if "sample" in exp and "sample" in stages:
+        s = exp["sample"]
+        sampling = fam.default_sampling(s["cfg"])
+        student = student_from_teacher(teacher).to(device).eval().requires_grad_(False)
+        labels = torch.arange(s["batch_size"], device=device) % teacher.num_classes
+        noise = torch.randn(s["batch_size"], n, C, device=device, generator=g)
+        second = fam.second_timestep(teacher.n_steps)
+
+        def scored(emb):
+            decode_in_batches(teacher.decode_embeddings, emb)
+            teacher_nll_bits(teacher, nearest_code_matmul(emb, teacher.codebook), labels, sampling)
+
+        methods = {"teacher": lambda: scored(teacher_sample(teacher, labels, sampling, g)[0]),
+                   "dd_1step": lambda: scored(dd_sample(student, teacher, labels, noise, [1], second)[0]),
+                   "dd_2step": lambda: scored(dd_sample(student, teacher, labels, noise, [1, second], second)[0])}
+        out["sample"] = {"batch": s["batch_size"]}
+        for name, fn in methods.items():
+            with torch.no_grad():
+                r = _cuda_stage(device, fn)
+            out["sample"][name] = {**r, **runtime("sample", r["seconds"] / s["batch_size"] * s["num"] / 60)}
     return out
