@@ -386,6 +386,19 @@ def ema_model(student: nn.Module, ema: EMA) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # CLI: python -m dd distill
 # --------------------------------------------------------------------------------------------------
+def json_object(text: str) -> dict:
+    """``--student-config``: a JSON object (field -> value), refused at parsing, before any model is loaded."""
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of student config fields, got {text!r}")
+    return value
+
+
 def add_arguments(parser) -> None:
     from dd.families.loading import add_teacher_arguments
 
@@ -424,7 +437,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--log-every", type=int, default=d.log_every)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--student-config", type=json.loads, default={}, metavar="JSON",
+    parser.add_argument("--student-config", type=json_object, default={}, metavar="JSON",
                         help='student config fields to override, e.g. \'{"within_scale_attention": true}\' (VAR)')
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--metrics-jsonl", type=Path, default=None, help="default: OUT/metrics.jsonl")
