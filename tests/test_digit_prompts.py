@@ -1,0 +1,75 @@
+"""Captions of the tiny text-to-image default (issue 13): attributes measured from pixels, per-class words, phrasings."""
+import numpy as np
+import pytest
+
+from dd.evaluation import digit_prompts as dp
+
+
+def bar(width: int = 1, shift_top: int = 0, height: int = 12, size: int = 16) -> np.ndarray:
+    """A vertical stroke [1, 3, size, size] in [-1, 1]; its top moved right by shift_top pixels (a slant)."""
+    img = -np.ones((size, size))
+    top = (size - height) // 2
+    for i, row in enumerate(range(top, top + height)):
+        col = size // 2 + round(shift_top * (1 - i / (height - 1)))
+        img[row, col:col + width] = 1.0
+    return np.repeat(img[None, None], 3, axis=1)
+
+
+def test_each_attribute_moves_with_what_it_names_and_not_with_the_others():
+    base = dp.measure(bar())[0]
+    bold = dp.measure(bar(width=3))[0]
+    right = dp.measure(bar(shift_top=4))[0]
+    left = dp.measure(bar(shift_top=-4))[0]
+    small = dp.measure(bar(height=6))[0]
+    stroke, slant, size = (dp.ATTRIBUTES.index(a) for a in ("stroke", "slant", "size"))
+    assert bold[stroke] > 2 * base[stroke]
+    assert right[slant] > 0.2 > abs(base[slant]) and left[slant] < -0.2
+    assert small[size] < 0.6 * base[size]
+    assert abs(right[size] - base[size]) < 0.15 * base[size]       # a slant is not a size change
+
+
+def test_words_are_relative_to_the_class_and_captions_use_only_clear_attributes():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, (300, 3)), rng.normal(5, 1, (300, 3))])
+    labels = np.repeat([0, 1], 300)
+    scale = dp.AttributeScale.fit(values, labels, num_classes=2)
+    assert scale.median[1, 0] == pytest.approx(5, abs=0.3)          # class 1's own median
+    words = dp.describe(np.array([[3.0, 3.0, 0.0], [3.0, 3.0, 0.0]]), np.array([0, 1]), scale)
+    assert words[0] == {"stroke": "bold", "slant": "right"}          # high for class 0, middle size: omitted
+    assert words[1] == {"stroke": "thin", "slant": "left", "size": "small"}   # the same values are low for class 1
+    assert dp.satisfies(words[0], np.array([0.5, 0.1, 9.0]), 0, scale)
+    assert not dp.satisfies(words[0], np.array([-0.5, 0.1, 0.0]), 0, scale)
+    assert dp.AttributeScale.from_dict(scale.to_dict()).median.tolist() == scale.median.tolist()
+
+
+def test_every_phrasing_names_the_digit_and_each_word_and_held_out_phrasings_differ():
+    words = {"stroke": "bold", "slant": "right", "size": "small"}
+    train = {dp.caption(7, words, i) for i in dp.phrasing_ids("train")}
+    held = {dp.caption(7, words, i) for i in dp.phrasing_ids("eval")}
+    assert len(train) == len(dp.PHRASINGS) - dp.HELD_OUT and len(held) == dp.HELD_OUT and not train & held
+    for text in train | held:
+        assert "7" in text or "seven" in text
+        assert "bold" in text and "right" in text and "small" in text
+    assert dp.caption(8, {"stroke": "bold", "slant": "left"}, 4).startswith("an eight")      # the article agrees
+    assert dp.caption(8, {"stroke": "bold", "slant": "left"}, 0) == "a bold eight leaning left"
+    with pytest.raises(ValueError, match="at least 2 attributes"):
+        dp.caption(3, {"stroke": "thin"}, 0)
+
+
+def test_real_digits_get_captions_and_a_zoomed_digit_reads_as_larger():
+    import torch
+
+    from dd.evaluation.digits import load_digits_images
+
+    images, labels = load_digits_images(size=16, split="train")
+    values = dp.measure(images.numpy())
+    scale = dp.AttributeScale.fit(values, labels.numpy())
+    described = dp.describe(values, labels.numpy(), scale)
+    captioned = sum(len(w) >= dp.MIN_ATTRIBUTES for w in described) / len(described)
+    assert captioned > 0.3                                            # enough images to caption
+    # zooming the central 12x12 to 16x16 makes every digit larger by the size attribute
+    zoomed = torch.nn.functional.interpolate(images[:, :, 2:14, 2:14], size=(16, 16), mode="bilinear",
+                                             align_corners=False)
+    size = dp.ATTRIBUTES.index("size")
+    grew = dp.measure(zoomed.numpy())[:, size] > values[:, size]
+    assert grew.mean() > 0.95
