@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("dd.evaluation.classifier", "train the digits classifier (embedded-default feature network)"),
     "generate-pairs": ("dd.method.pairs", "write one shard of (noise, data tokens, label) pairs"),
     "index-shards": ("dd.method.pairs", "check that pair shards form one pair set and write its index"),
+    "caption-features": ("dd.families.llamagen.text_encoder", "encode a prompt file once: text-to-image caption features"),
     "distill": ("dd.method.distill", "train a DD student on a pair set"),
     "sample": ("dd.method.sample", "sample images: DD few-step, teacher-involved, teacher and baselines"),
     "digits-reference": ("dd.evaluation.reference", "write the digits reference set (FID reference of the tiny teachers)"),
@@ -78,8 +79,10 @@ def _user_errors() -> tuple[type, ...]:
     from dd.method.pairs import ShardError, ShardSetError
     from dd.pipeline.config import ConfigError
     from dd.pipeline.download import DownloadError
+    from dd.pipeline.prompt_files import PromptFileError
 
-    return (ConfigError, DistillError, DownloadError, SampleSetError, ArtefactError, ShardError, ShardSetError)
+    return (ConfigError, DistillError, DownloadError, SampleSetError, ArtefactError, ShardError, ShardSetError,
+            PromptFileError)
 
 
 if __name__ == "__main__":

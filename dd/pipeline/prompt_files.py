@@ -52,7 +52,8 @@ def read_prompts(path: str | Path, column: str, extra_columns: tuple[str, ...] =
         raise PromptFileError(f"{path}: no column {', '.join(map(repr, missing))} in the header "
                               f"(it has {', '.join(map(repr, header)) or 'nothing'})")
     rows = []
-    for i, row in enumerate(reader, start=2):
+    for row in reader:
+        i = reader.line_num                  # the file's line (a blank line is skipped, not miscounted)
         prompt = (row[column] or "").strip()
         if not prompt:
             raise PromptFileError(f"{path}: row {i}: empty prompt in column {column!r}")
