@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("dd.evaluation.classifier", "train the digits classifier (embedded-default feature network)"),
     "generate-pairs": ("dd.method.pairs", "write one shard of (noise, data tokens, label) pairs"),
     "index-shards": ("dd.method.pairs", "check that pair shards form one pair set and write its index"),
+    "digit-prompts": ("dd.evaluation.digit_prompts", "captions of the digits from measured attributes (tiny text-to-image)"),
     "caption-features": ("dd.families.llamagen.text_encoder", "encode a prompt file once: text-to-image caption features"),
     "distill": ("dd.method.distill", "train a DD student on a pair set"),
     "sample": ("dd.method.sample", "sample images: DD few-step, teacher-involved, teacher and baselines"),

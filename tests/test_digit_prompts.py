@@ -52,6 +52,7 @@ def test_every_phrasing_names_the_digit_and_each_word_and_held_out_phrasings_dif
         assert "bold" in text and "right" in text and "small" in text
     assert dp.caption(8, {"stroke": "bold", "slant": "left"}, 4).startswith("an eight")      # the article agrees
     assert dp.caption(8, {"stroke": "bold", "slant": "left"}, 0) == "a bold eight leaning left"
+    assert dp.caption(1, {"stroke": "bold", "slant": "left"}, 4).startswith("a one")
     with pytest.raises(ValueError, match="at least 2 attributes"):
         dp.caption(3, {"stroke": "thin"}, 0)
 
@@ -73,3 +74,46 @@ def test_real_digits_get_captions_and_a_zoomed_digit_reads_as_larger():
     size = dp.ATTRIBUTES.index("size")
     grew = dp.measure(zoomed.numpy())[:, size] > values[:, size]
     assert grew.mean() > 0.95
+
+
+def test_prompt_sets_read_back_and_prompt_accuracy_can_fail(tmp_path):
+    # real test digits generated "from" their own held-out prompts score about the classifier's accuracy
+    # (here: the true labels, so 1.0 exactly: clear attributes lie beyond the median); shuffled prompts score low
+    from dd.evaluation.digits import load_digits_images
+    from dd.pipeline.prompt_files import read_prompts
+
+    train, train_labels = load_digits_images(size=16, split="train")
+    test, test_labels = load_digits_images(size=16, split="test")
+    scale = dp.AttributeScale.fit(dp.measure(train.numpy()), train_labels.numpy())
+    rows = {s: dp.prompt_rows(x.numpy(), y.numpy(), scale, s) for s, x, y in
+            (("train", train, train_labels), ("eval", test, test_labels))}
+    for split, rs in rows.items():
+        dp.write_prompt_file(tmp_path / f"{split}.tsv", rs)
+        back = read_prompts(tmp_path / f"{split}.tsv", "prompt", dp.PROMPT_COLUMNS[1:])
+        assert [r["prompt"] for r in back] == [r["prompt"] for r in rs]
+    held_out = {dp.PHRASINGS[i](7, {"stroke": "bold", "slant": "left"}) for i in dp.phrasing_ids("eval")}
+    train_shapes = {dp.PHRASINGS[i](7, {"stroke": "bold", "slant": "left"}) for i in dp.phrasing_ids("train")}
+    assert not held_out & train_shapes
+    ev = rows["eval"]
+    idx = np.array([int(r["image"]) for r in ev])
+    images, labels = test.numpy()[idx], test_labels.numpy()[idx]
+    own = dp.prompt_accuracy(images, labels, ev, scale)
+    assert own.mean() == 1.0
+    shuffled = [ev[i] for i in np.random.default_rng(0).permutation(len(ev))]
+    assert dp.prompt_accuracy(images, labels, shuffled, scale).mean() < 0.2
+    wrong_digit = dp.prompt_accuracy(images, (labels + 1) % 10, ev, scale)
+    assert wrong_digit.mean() == 0.0
+
+
+def test_digit_prompts_command_writes_both_prompt_sets_and_the_scale(tmp_path):
+    import json
+
+    from dd.__main__ import main
+    from dd.pipeline.prompt_files import read_prompts
+
+    assert main(["digit-prompts", "--out-dir", str(tmp_path)]) == 0
+    train = read_prompts(tmp_path / "prompts_train.tsv", "prompt", dp.PROMPT_COLUMNS[1:])
+    evaluation = read_prompts(tmp_path / "prompts_eval.tsv", "prompt", dp.PROMPT_COLUMNS[1:])
+    assert len(train) > 500 and len(evaluation) > 100
+    scale = dp.AttributeScale.from_dict(json.loads((tmp_path / "attribute_scale.json").read_text()))
+    assert scale.median.shape == (10, 3)

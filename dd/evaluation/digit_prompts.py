@@ -106,7 +106,8 @@ def _adjectives_then_lean(digit: str, words: dict) -> str:
 
 
 def _article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+    # by sound: of the words a phrase can start with, only "eight" takes "an" ("a one", "a large ...")
+    return ("an " if phrase.startswith("eight") else "a ") + phrase
 
 
 def _with_list(words: dict) -> str:
@@ -139,3 +140,76 @@ def caption(digit: int, words: dict[str, str], phrasing: int) -> str:
     if len(words) < MIN_ATTRIBUTES:
         raise ValueError(f"a caption names at least {MIN_ATTRIBUTES} attributes, got {sorted(words)}")
     return PHRASINGS[phrasing](int(digit), words)
+
+
+# --- prompt sets of the tiny text-to-image default ------------------------------------------------------------
+PROMPT_COLUMNS = ("prompt", "digit", *ATTRIBUTES)
+
+
+def prompt_rows(images: np.ndarray, labels: np.ndarray, scale: AttributeScale, split: str) -> list[dict]:
+    """One row per image that shows at least ``MIN_ATTRIBUTES`` clear attributes: its caption (the split's
+    phrasings, taken in turn), its digit and its attribute words (empty where the caption says nothing)."""
+    described = describe(measure(images), labels, scale)
+    ids = list(phrasing_ids(split))
+    rows = []
+    for i, (digit, words) in enumerate(zip(labels.tolist(), described)):
+        if len(words) < MIN_ATTRIBUTES:
+            continue
+        rows.append({"prompt": caption(digit, words, ids[len(rows) % len(ids)]), "digit": str(digit),
+                     "image": str(i), **{a: words.get(a, "") for a in ATTRIBUTES}})
+    return rows
+
+
+def write_prompt_file(path, rows: list[dict]) -> None:
+    """A TSV (unquoted, as ``dd.pipeline.prompt_files`` reads it) with a header, written atomically."""
+    from pathlib import Path
+
+    from dd.io import atomic_write_bytes
+
+    columns = list(rows[0])
+    lines = ["\t".join(columns)] + ["\t".join(r[c] for c in columns) for r in rows]
+    atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def prompt_accuracy(images: np.ndarray, predicted_digits: np.ndarray, rows: list[dict],
+                    scale: AttributeScale) -> np.ndarray:
+    """Per sample, 1.0 where the digits classifier's class is the prompt's digit and every attribute word of the
+    prompt holds (``satisfies``), else 0.0; sample i was generated from prompt row i."""
+    values = measure(images)
+    out = np.zeros(len(rows))
+    for i, row in enumerate(rows):
+        digit = int(row["digit"])
+        words = {a: row[a] for a in ATTRIBUTES if row.get(a)}
+        out[i] = float(int(predicted_digits[i]) == digit and satisfies(words, values[i], digit, scale))
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out-dir", required=True, help="writes prompts_train.tsv, prompts_eval.tsv, attribute_scale.json")
+    parser.add_argument("--size", type=int, default=16, help="image size the attributes are measured at")
+    parser.add_argument("--seed", type=int, default=0, help="the digits' train/test split")
+
+
+def main(args) -> int:
+    """Prompt sets of the tiny text-to-image default: captions of the training digits (training phrasings) and of
+    the test digits (held-out phrasings, for evaluation), and the attribute scale fitted on the training digits."""
+    import json
+    from pathlib import Path
+
+    from dd.evaluation.digits import load_digits_images
+    from dd.io import atomic_write_json
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, train_labels = load_digits_images(size=args.size, split="train", seed=args.seed)
+    scale = AttributeScale.fit(measure(train.numpy()), train_labels.numpy())
+    counts = {}
+    for split, digits_split in (("train", "train"), ("eval", "test")):
+        images, labels = load_digits_images(size=args.size, split=digits_split, seed=args.seed)
+        rows = prompt_rows(images.numpy(), labels.numpy(), scale, split)
+        write_prompt_file(out / f"prompts_{split}.tsv", rows)
+        counts[split] = len(rows)
+    atomic_write_json(out / "attribute_scale.json", {**scale.to_dict(), "attributes": list(ATTRIBUTES),
+                                                     "size": args.size, "seed": args.seed})
+    print(json.dumps({"out_dir": str(out), "prompts": counts}))
+    return 0

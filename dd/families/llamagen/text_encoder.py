@@ -91,7 +91,8 @@ def write_caption_features(path: str | Path, features: np.ndarray, mask: np.ndar
     if len(features) != len(prompts) or mask.shape != features.shape[:2]:
         raise ValueError(f"{len(prompts)} prompts, features {features.shape}, mask {mask.shape}: they must agree")
     buf = io.BytesIO()
-    np.savez(buf, features=features.astype(np.float16), mask=mask.astype(bool),
+    # compressed: the padding (about two thirds of the 120 positions for short prompts) is zeros
+    np.savez_compressed(buf, features=features.astype(np.float16), mask=mask.astype(bool),
              prompts_sha256=np.array(prompts_sha256(prompts)), encoder=np.array(encoder))
     atomic_write_bytes(Path(path), buf.getvalue())
 
