@@ -454,3 +454,35 @@ def test_verify_golden_exit_status(tmp_path, capsys):
     assert cli(["verify-golden", str(tmp_path / "gpt_tiny.pt")]) == 1
     failed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("FAIL ")]
     assert len(failed) == 1 and failed[0].startswith("FAIL logits_cond:"), failed
+
+
+def test_text_to_image_teacher_samples_the_golden_tokens_through_the_teacher_interface():
+    # LlamaGenT2ITeacher: a label is a prompt's row; CFG pairs each caption with the null caption under its own mask.
+    # The recorded generate() (cfg 4 / cfg 1, top_k 1) must come out of Teacher.sample, token for token, and the
+    # one-pass teacher-forced probabilities must equal the KV-cached ones along the generated tokens.
+    from conftest import golden_dir
+
+    from dd.families.llamagen.golden import build_from_golden
+    from dd.families.llamagen.teacher import LlamaGenT2ITeacher
+    from dd.io import read_checkpoint
+
+    folder = golden_dir("llamagen")
+    blob = read_checkpoint(folder / "gpt_t2i_tiny.pt")
+    vq = build_from_golden(read_checkpoint(folder / "vq_tiny.pt")).eval()
+    gpt = build_from_golden(blob).eval()
+    i, o, cfg = blob["inputs"], blob["outputs"], blob["config"]
+    teacher = LlamaGenT2ITeacher(vq, gpt, i["caption"].float(), i["emb_mask"])
+    assert teacher.num_classes == 3
+    rows = torch.arange(3)
+    for call, key in ((cfg["generate_call"], "gen_idx"), (cfg["generate_call_nocfg"], "gen_nocfg_idx")):
+        sampling = SamplingConfig(cfg_scale=call["cfg_scale"], top_k=call.get("top_k", 0))
+        tokens = teacher.sample(rows, sampling)
+        assert torch.equal(tokens, o[key].long()), key
+        forced = teacher.teacher_forced_probs(tokens, rows, sampling)
+        state, cached = teacher.begin(rows, sampling), []
+        for step in range(teacher.n_steps):
+            cached.append(teacher.next_probs(state)[:, 0])
+            teacher.append(state, tokens[:, step:step + 1])
+        torch.testing.assert_close(forced, torch.stack(cached, 1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="prompt rows must lie in 0..2"):
+        teacher.sample(torch.tensor([3]), SamplingConfig(cfg_scale=1.0))

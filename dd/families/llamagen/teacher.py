@@ -76,13 +76,22 @@ class LlamaGenTeacher(Teacher):
     def device(self) -> torch.device:
         return self.gpt.output.weight.device
 
+    # --- conditions: what the GPT's first chunk is given for a batch of labels ------------------------------------
+    def null_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels of CFG's unconditional half: the null class."""
+        if not self.gpt.has_null_class:
+            raise ValueError("CFG needs a GPT trained with class dropout (a null-class row)")
+        return torch.full_like(labels, self.num_classes)
+
+    def condition(self, run_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the GPT's ``cond``, its ``cond_mask``) for labels as run (a class GPT takes the labels themselves)."""
+        return run_labels, None
+
     def begin(self, labels: torch.Tensor, sampling: SamplingConfig) -> ARState:
         labels = labels.long().to(self.device)
         run_labels = labels
         if sampling.cfg_scale > 1.0:
-            if not self.gpt.has_null_class:
-                raise ValueError("CFG needs a GPT trained with class dropout (a null-class row)")
-            run_labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+            run_labels = torch.cat([labels, self.null_labels(labels)])
         return ARState(labels=labels, sampling=sampling,
                        cache=_DecodeCache(labels=run_labels, kv=self.gpt.new_cache()))
 
@@ -98,8 +107,8 @@ class LlamaGenTeacher(Teacher):
             idx = torch.cat(state.tokens[c.n_run:], dim=1).to(self.device) if c.n_run < step else None
             if idx is not None and c.labels.shape[0] != idx.shape[0]:
                 idx = torch.cat([idx, idx])  # both CFG halves see the same tokens
-            labels = c.labels if c.kv.length == 0 else None
-            c.last_logits = self.gpt(idx, labels, cache=c.kv)[:, -1]
+            cond, cond_mask = self.condition(c.labels) if c.kv.length == 0 else (None, None)
+            c.last_logits = self.gpt(idx, cond, cache=c.kv, cond_mask=cond_mask)[:, -1]
             c.n_run = step
         state.step = step
         logits = c.last_logits
@@ -117,13 +126,14 @@ class LlamaGenTeacher(Teacher):
     def teacher_forced_probs(self, idx: torch.Tensor, labels: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         """[B, n, V] probabilities of every token of idx [B, n] from one full-sequence pass (same CFG
         and filtering as ``next_probs``)."""
-        labels = labels.long()
+        labels = labels.long().to(self.device)
         if sampling.cfg_scale > 1.0:
-            null = torch.full_like(labels, self.num_classes)
-            cond, uncond = self.gpt(torch.cat([idx, idx])[:, :-1], torch.cat([labels, null])).chunk(2)
-            logits = cfg_mix(cond, uncond, sampling.cfg_scale)
+            cond, cond_mask = self.condition(torch.cat([labels, self.null_labels(labels)]))
+            logits = cfg_mix(*self.gpt(torch.cat([idx, idx])[:, :-1], cond, cond_mask=cond_mask).chunk(2),
+                             sampling.cfg_scale)
         else:
-            logits = self.gpt(idx[:, :-1], labels)
+            cond, cond_mask = self.condition(labels)
+            logits = self.gpt(idx[:, :-1], cond, cond_mask=cond_mask)
         return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
     # --- tokens <-> images ---------------------------------------------------------------------
@@ -143,3 +153,40 @@ class LlamaGenTeacher(Teacher):
         return self.tokenizer.encode(images)[1]
 
 
+
+
+class LlamaGenT2ITeacher(LlamaGenTeacher):
+    """LlamaGen's text-to-image GPT as a ``Teacher`` over a fixed prompt set: a label is a prompt's row.
+
+    The prompt set's caption features (``dd.families.llamagen.text_encoder``: [P, 120, D] in the left-padded layout,
+    with their mask) are buffers of the adapter, so the whole method (pairs, whose records keep a label per pair;
+    distillation; sampling, whose labels cycle over the set; onestep*, whose marginals are per label) runs unchanged
+    with prompts in place of classes. CFG's unconditional half is the null caption under the prompt's own mask, as
+    LlamaGen's ``sample_t2i.py`` does; it runs as label ``-1 - row``.
+    """
+
+    def __init__(self, tokenizer: VQModel, gpt: GPT, captions: torch.Tensor, caption_mask: torch.Tensor):
+        super().__init__(tokenizer, gpt)
+        if not gpt.config.text_conditional:
+            raise ValueError("a text-to-image teacher needs a t2i GPT (model_type 't2i')")
+        if captions.ndim != 3 or captions.shape[-1] != gpt.config.caption_dim:
+            raise ValueError(f"captions must be [P, T, {gpt.config.caption_dim}], got {tuple(captions.shape)}")
+        if caption_mask.shape != captions.shape[:2]:
+            raise ValueError(f"caption mask {tuple(caption_mask.shape)} does not match captions {tuple(captions.shape)}")
+        self.register_buffer("captions", captions.float(), persistent=False)
+        self.register_buffer("caption_mask", caption_mask.bool(), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.captions.shape[0]
+
+    def null_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return -1 - labels
+
+    def condition(self, run_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        null = run_labels < 0
+        rows = torch.where(null, -1 - run_labels, run_labels)
+        if rows.numel() and (rows.min() < 0 or rows.max() >= self.num_classes):
+            raise ValueError(f"prompt rows must lie in 0..{self.num_classes - 1}")
+        cond = torch.where(null[:, None, None], self.gpt.null_condition(self.captions[rows]), self.captions[rows])
+        return cond, self.caption_mask[rows]
