@@ -237,8 +237,9 @@ def test_t2i_config_and_condition_errors(t2i_gpt):
         t2i_gpt(None, torch.zeros(1, 120, 5))
     with pytest.raises(ValueError, match="null caption"):
         t2i_gpt.null_condition(torch.zeros(1, 60, 12))
-    with pytest.raises(ValueError, match="text-to-image"):
-        DDStudent(DDConfig.from_gpt(T2I_GPT, 8))
+    with pytest.raises(ValueError, match="needs its prompt set"):    # a t2i student reads captions by prompt row
+        DDStudent(DDConfig.from_gpt(T2I_GPT, 8))(torch.zeros(1, 16, 8), torch.zeros(1, dtype=torch.long),
+                                                 torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="not a LlamaGen preset"):  # t2i inference at preset widths: manifest test
         _infer_gpt_config(t2i_gpt.state_dict(), 16)
 
@@ -486,3 +487,52 @@ def test_text_to_image_teacher_samples_the_golden_tokens_through_the_teacher_int
         torch.testing.assert_close(forced, torch.stack(cached, 1), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="prompt rows must lie in 0..2"):
         teacher.sample(torch.tensor([3]), SamplingConfig(cfg_scale=1.0))
+
+
+def _t2i_teacher(prompts: int = 3, seed: int = 0):
+    """A random tiny text-to-image teacher over a prompt set of random left-padded captions."""
+    from dd.families.llamagen.teacher import LlamaGenT2ITeacher
+
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(model_type="t2i", dim=64, n_layer=2, n_head=4, vocab_size=64, block_size=16, caption_dim=12,
+                        cls_token_num=120, multiple_of=64)).eval()
+    with torch.no_grad():
+        gpt.output.weight.normal_(0, 0.2)                       # not the zero init: distributions that differ
+    lengths = torch.tensor([7, 30, 1, 120][:prompts])
+    mask = torch.arange(120)[None, :] >= 120 - lengths[:, None]
+    captions = torch.randn(prompts, 120, 12) * mask[..., None]
+    return LlamaGenT2ITeacher(VQModel(TINY_VQ).eval(), gpt, captions, mask)
+
+
+def test_text_to_image_student_reads_captions_by_prompt_row_and_ignores_their_padding():
+    from dd.families.registry import get_family
+    from dd.method.distill import DistillConfig, distill_losses
+    from dd.method.sample import dd_sample
+
+    teacher = _t2i_teacher()
+    student = DDStudent.from_teacher(teacher).eval()
+    assert torch.equal(student.cls_embedding.uncond_embedding, teacher.gpt.cls_embedding.uncond_embedding)
+    torch.testing.assert_close(student.cls_embedding.cap_proj.fc1.weight, teacher.gpt.cls_embedding.cap_proj.fc1.weight)
+    labels, C = torch.tensor([0, 1, 2, 1]), teacher.codebook.shape[1]
+    x, t = torch.randn(4, 16, C), torch.tensor([0, 3, 8, 16])
+    logits, emb = student(x, labels, t)
+    assert logits.shape == (4, 16, 64) and emb.shape == (4, 16, C)
+    assert not torch.allclose(logits[0], logits[1], atol=1e-4)          # another prompt, another output
+    # what sits in a caption's padding changes nothing
+    padded = student.captions.clone()
+    padded[~student.caption_mask] = 3.0
+    other = DDStudent.from_teacher(teacher).eval().bind_prompts(padded, student.caption_mask)
+    other.load_state_dict(student.state_dict())
+    torch.testing.assert_close(other(x, labels, t), (logits, emb))
+    # sampling and a distillation step run through the family-agnostic method code
+    tokens, steps = dd_sample(student, teacher, labels, torch.randn(4, 16, C), [1, 9], 9)
+    assert tokens.shape == (4, 16, C) and steps == 2
+    cfg = DistillConfig(timesteps=[1, 9], batch_size=4, emb_loss="mse")
+    loss = distill_losses(student.train(), teacher, cfg, labels, torch.randint(64, (4, 16)), torch.randn(4, 16, C),
+                          torch.tensor([0, 1, 0, 1]), None)["loss"]
+    loss.backward()
+    assert student.cls_embedding.cap_proj.fc1.weight.grad.abs().sum() > 0
+    # a student rebuilt from its config (as load_student does) gets the prompts from its teacher
+    rebuilt = get_family("llamagen").bind_to_teacher(DDStudent(student.config), teacher)
+    rebuilt.load_state_dict(student.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x, labels, t), student.eval()(x, labels, t))

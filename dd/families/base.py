@@ -133,6 +133,11 @@ class Family(ABC):
         """The DD student initialised from the teacher (App. B); new layers from the global RNG. ``overrides``:
         fields of ``student_config`` that differ from what the teacher implies."""
 
+    def bind_to_teacher(self, student: nn.Module, teacher: Teacher) -> nn.Module:
+        """A loaded student given what its teacher's labels stand for, where that is not in its weights (a
+        text-to-image teacher's prompt set); by default nothing."""
+        return student
+
     def random_release(self, name: str) -> dict | None:
         """The released file ``name`` (one of ``releases``) with seeded random weights (from the global RNG), as the
         object its file holds (same nesting, keys, shapes, dtypes): what ``weights: random`` writes in place of a

@@ -165,6 +165,7 @@ def load_student(path: Path, teacher: Teacher, *, ema: bool = True, teacher_id: 
         student = build_student(teacher.family, ck["student_config"])
         _load_state(student, ck["ema" if ema else "model"], path)
         timesteps = list(ck.get("timesteps") or []) or None
+    student = get_family(teacher.family).bind_to_teacher(student, teacher)
     V, C = teacher.codebook.shape
     n_out = student(torch.zeros(1, teacher.n_tokens, C), torch.zeros(1, dtype=torch.long),
                     torch.zeros(1, dtype=torch.long))

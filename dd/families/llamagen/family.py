@@ -6,7 +6,7 @@ from pathlib import Path
 from dd.families.base import Family, Release, ReleasedStudent, ReleasedTeacher
 from dd.families.llamagen.gpt import GPT, GPTConfig, gpt_preset
 from dd.families.llamagen.student import DDConfig, DDStudent
-from dd.families.llamagen.teacher import LlamaGenTeacher
+from dd.families.llamagen.teacher import LlamaGenT2ITeacher, LlamaGenTeacher
 from dd.families.llamagen.tokenizer import VQConfig, VQModel, vq_16
 
 _LLAMAGEN, _DD = "FoundationVision/LlamaGen", "microsoft/distilled_decoding"
@@ -71,6 +71,11 @@ class LlamaGenFamily(Family):
 
     def student_from_teacher(self, teacher: LlamaGenTeacher, **overrides) -> DDStudent:
         return DDStudent.from_teacher(teacher, **overrides)
+
+    def bind_to_teacher(self, student: DDStudent, teacher: LlamaGenTeacher) -> DDStudent:
+        if student.config.text_conditional and isinstance(teacher, LlamaGenT2ITeacher):
+            student.bind_prompts(teacher.captions, teacher.caption_mask)
+        return student
 
     def random_release(self, name: str) -> dict | None:
         if name == "llamagen_vq16":

@@ -8,12 +8,13 @@ from torch import nn
 
 from dd.families.llamagen.gpt import (
     GPT,
+    CaptionEmbedder,
     GPTConfig,
     LabelEmbedder,
     _Backbone,
     _init_linear_and_embedding,
 )
-from dd.families.llamagen.teacher import LlamaGenTeacher
+from dd.families.llamagen.teacher import LlamaGenT2ITeacher, LlamaGenTeacher
 
 # =====================================================================================================
 # DD student
@@ -60,15 +61,23 @@ class DDStudent(_Backbone):
     Input: [class token; Linear(x)] for continuous token vectors x [B, n, C], plus a learned
     noise/data embedding at every position (the class token and tokens < t are data). Attention is
     plain causal, so output i, computed at the position of input token i, sees its own noisy input.
+
+    Text-to-image (no released student exists; this follows the class-conditional design): the caption embedder
+    takes the class table's place, copied from the teacher as the class table is, so the condition is the 120
+    caption positions in LlamaGen's left-padded layout, with the padding hidden from every query (the teacher's
+    caption mask). The embedding head, modulated by the class embedding in the class-conditional student, is
+    modulated by the caption's projected features averaged over its valid positions: one vector per condition,
+    as the class embedding is. Labels are prompt rows of the teacher's prompt set (``LlamaGenT2ITeacher``), whose
+    caption table the student is given by ``bind_prompts``.
     """
 
     def __init__(self, cfg: DDConfig):
         super().__init__()
-        if cfg.text_conditional:
-            raise ValueError("the LlamaGen DD student is class-conditional; a text-to-image student "
-                             "(caption embedder in place of the class table) is not part of this module")
         self.config = cfg
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, 0.0, null_row=True)
+        if cfg.text_conditional:
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, 0.0)
+        else:
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, 0.0, null_row=True)
         self.tok_embeddings = nn.Linear(cfg.codebook_dim, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self._build_blocks(cfg)
@@ -77,22 +86,46 @@ class DDStudent(_Backbone):
         _init_linear_and_embedding(self, cfg.initializer_range)
         nn.init.zeros_(self.output.weight)
 
-    @staticmethod
-    def noise_data_index(t: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """[B, 1 + n] index into n_d_embed: 1 (data) for sequence index <= t (class token and the
-        first t tokens), 0 (noise) after."""
-        pos = torch.arange(n_tokens + 1, device=t.device)
-        return (pos[None, :] <= t[:, None]).long()
+    def noise_data_index(self, t: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """[B, n_cls + n] index into n_d_embed: 1 (data) for the condition positions and the first t tokens,
+        0 (noise) after (the class-conditional n_cls is 1: sequence index <= t)."""
+        n_cls = self.config.cls_token_num
+        pos = torch.arange(n_cls + n_tokens, device=t.device)
+        return (pos[None, :] < n_cls + t[:, None]).long()
+
+    def bind_prompts(self, captions: torch.Tensor, caption_mask: torch.Tensor) -> "DDStudent":
+        """Text-to-image: the prompt set whose rows the labels are (not saved with the student's weights)."""
+        if not self.config.text_conditional:
+            raise ValueError("only a text-to-image student takes a prompt set")
+        self.register_buffer("captions", captions.float(), persistent=False)
+        self.register_buffer("caption_mask", caption_mask.bool(), persistent=False)
+        return self
+
+    def condition(self, labels: torch.Tensor, n_tokens: int):
+        """(condition positions [B, n_cls, D], keys each query may see [B, n_cls + n] or None, the one vector
+        [B, 1, D] that modulates the embedding head)."""
+        if not self.config.text_conditional:
+            cond = self.cls_embedding(labels)                                # [B, 1, D]
+            return cond, None, cond
+        if getattr(self, "captions", None) is None:
+            raise ValueError("a text-to-image student needs its prompt set: bind_prompts(captions, mask)")
+        labels = labels.long().to(self.captions.device)
+        mask = self.caption_mask[labels][:, :self.config.cls_token_num]
+        cond = self.cls_embedding(self.captions[labels])[:, :self.config.cls_token_num]
+        valid = mask.to(cond.dtype)[..., None]
+        pooled = (cond * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+        keys = torch.cat([mask, mask.new_ones(mask.shape[0], n_tokens)], dim=1)
+        return cond, keys, pooled
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
                 rows: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, n, C], labels [B], t [B] (AR step = number of given data tokens) ->
         (logits [B, n, V] float, embeddings [B, n, C] float), raw head outputs at every token; with
         ``rows`` = (logit_tokens, emb_tokens) only the logits and embeddings of those tokens."""
-        cond = self.cls_embedding(labels)                                    # [B, 1, D]
-        h = torch.cat([cond, self.tok_embeddings(x)], dim=1)
+        cond_tokens, keys, cond = self.condition(labels, x.shape[1])
+        h = torch.cat([cond_tokens, self.tok_embeddings(x)], dim=1)
         h = h + self.n_d_embed(self.noise_data_index(t.to(x.device).long(), x.shape[1]))
-        h = self.run_blocks(self.tok_dropout(h))
+        h = self.run_blocks(self.tok_dropout(h), key_valid=keys)
         n_cls = self.config.cls_token_num
         if rows is not None:
             tokens = h[:, n_cls:]
@@ -108,6 +141,7 @@ class DDStudent(_Backbone):
         """A student initialised from the teacher: class table, blocks, final norm and logits head are
         copied; the token Linear, the embedding head and the noise/data embedding are new (N(0, 0.02),
         zero biases; scale_shift_table N(0, 1/dim)), as in the DD code."""
+        prompts = (teacher.captions, teacher.caption_mask) if isinstance(teacher, LlamaGenT2ITeacher) else None
         if isinstance(teacher, LlamaGenTeacher):
             codebook_dim = teacher.tokenizer.config.codebook_dim if codebook_dim is None else codebook_dim
             teacher = teacher.gpt
@@ -117,12 +151,15 @@ class DDStudent(_Backbone):
         with torch.device(ref.device):
             student = cls(replace(DDConfig.from_gpt(teacher.config, codebook_dim), **overrides)).to(ref.dtype)
         with torch.no_grad():
-            src = teacher.cls_embedding.embedding_table.weight
-            student.cls_embedding.embedding_table.weight[: src.shape[0]].copy_(src)  # no null row: fresh
+            if student.config.text_conditional:       # caption projection and null caption, as the class table
+                student.cls_embedding.load_state_dict(teacher.cls_embedding.state_dict())
+            else:
+                src = teacher.cls_embedding.embedding_table.weight
+                student.cls_embedding.embedding_table.weight[: src.shape[0]].copy_(src)  # no null row: fresh
             for dst, s in zip(student.layers.parameters(), teacher.layers.parameters()):
                 dst.copy_(s)
             student.norm.weight.copy_(teacher.norm.weight)
             student.output.weight.copy_(teacher.output.weight)
-        return student
+        return student.bind_prompts(*prompts) if prompts is not None else student
 
 
