@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("dd.evaluation.classifier", "train the digits classifier (embedded-default feature network)"),
     "generate-pairs": ("dd.method.pairs", "write one shard of (noise, data tokens, label) pairs"),
     "index-shards": ("dd.method.pairs", "check that pair shards form one pair set and write its index"),
-    "train-t2i-teacher": ("dd.pipeline.tiny_t2i", "train the tiny text-to-image teacher on captioned digits"),
+    "train-t2i-teacher": ("dd.families.llamagen.tiny_t2i", "train the tiny text-to-image teacher on captioned digits"),
     "digit-prompts": ("dd.evaluation.digit_prompts", "captions of the digits from measured attributes (tiny text-to-image)"),
     "caption-features": ("dd.families.llamagen.text_encoder", "encode a prompt file once: text-to-image caption features"),
     "distill": ("dd.method.distill", "train a DD student on a pair set"),

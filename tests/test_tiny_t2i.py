@@ -14,8 +14,8 @@ def test_reduced_t2i_teacher_trains_reports_prompt_accuracy_and_reloads(tmp_path
     import yaml
 
     from dd.families.llamagen.gpt import GPT, GPTConfig
+    from dd.families.llamagen.tiny_t2i import RELEASES, train_t2i_teacher
     from dd.io import read_checkpoint
-    from dd.pipeline.tiny_t2i import RELEASES, train_t2i_teacher
 
     cfg = yaml.safe_load((REPO / "config/tiny/llamagen_t2i.yaml").read_text())
     cfg["arch"].update(dim=32, n_layer=1, n_head=2, multiple_of=32)

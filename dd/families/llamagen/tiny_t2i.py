@@ -27,7 +27,7 @@ from dd.families.llamagen.text_encoder import encode_captions, tiny_t5
 from dd.io import atomic_torch_save
 from dd.method.teacher import SamplingConfig
 
-RELEASES = Path(__file__).resolve().parents[2] / "releases" / "tiny"
+RELEASES = Path(__file__).resolve().parents[3] / "releases" / "tiny"
 
 
 def shipped_tokenizer():
