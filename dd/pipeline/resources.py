@@ -168,20 +168,18 @@ def main(args) -> int:
 
     if not (args.rehearsal or args.gpu_measure):
         raise SystemExit("check-resources: give --rehearsal (host memory) or --gpu-measure (GPU memory, on CUDA)")
-    config = load_config(args.configfile)
-    if args.gpu_measure:
-        device = torch.device(args.device)
-        if device.type != "cuda" or not torch.cuda.is_available():
-            raise SystemExit(f"check-resources: --gpu-measure needs a CUDA device, got --device {args.device} "
-                             f"(CUDA available: {torch.cuda.is_available()})")
+    device = torch.device(args.device)
+    if args.gpu_measure and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise SystemExit(f"check-resources: --gpu-measure needs a CUDA device, got --device {args.device} "
+                         f"(CUDA available: {torch.cuda.is_available()})")
     checks = []
     if args.rehearsal:
         checks = check_resources(args.configfile, args.rehearsal, args.benchmarks)
         print(format_table(checks))
     measured = {}
-    for name, exp in config["experiments"].items():
-        if args.gpu_measure:
-            measured[name] = measure_gpu_stages(exp, torch.device(args.device), stages=args.stages)
+    if args.gpu_measure:
+        for name, exp in load_config(args.configfile)["experiments"].items():
+            measured[name] = measure_gpu_stages(exp, device, stages=args.stages)
             what = json.dumps(measured[name]) if measured[name] else "not measured (not a released architecture)"
             print(f"{name}: measured on the GPU: {what}", flush=True)
     if args.json and measured:
@@ -253,7 +251,7 @@ def measure_gpu_stages(exp: dict, device, stages=GPU_STAGES, distill_repeats: in
 
     from dd.families.loading import student_from_teacher
     from dd.families.registry import get_family
-    from dd.method.distill import EMA, build_perceptual, optimisation_step
+    from dd.method.distill import EMA, build_perceptual, new_student, optimisation_step
     from dd.method.pairs import flow_trajectory
     from dd.method.sample import dd_sample, decode_in_batches, teacher_nll_bits, teacher_sample
     from dd.method.settings import DistillConfig
@@ -290,7 +288,7 @@ def measure_gpu_stages(exp: dict, device, stages=GPU_STAGES, distill_repeats: in
         b = d["batch_size"] // gpus
         cfg = DistillConfig(timesteps=list(d["timesteps"]), batch_size=b, micro_batch_size=d["micro_batch_size"],
                             emb_loss=d["emb_loss"], seed=0)
-        student = student_from_teacher(teacher, **(d.get("student_config") or {})).to(device).train()
+        student = new_student(teacher, d["seed"], d["student_config"]).to(device).train()   # as dd distill builds it
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=tuple(cfg.betas))
         ema, lp = EMA(student), build_perceptual(cfg, device)
         batch = (torch.arange(b, device=device) % teacher.num_classes, torch.randint(V, (b, n), device=device, generator=g),
