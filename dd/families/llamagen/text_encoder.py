@@ -61,11 +61,12 @@ def encode_captions(prompts: list[str], tokenizer, encoder, max_length: int = CA
     feats, masks = [], []
     for start in range(0, len(prompts), batch_size):
         part = prompts[start:start + batch_size]
-        for i, ids in enumerate(tokenizer(part)["input_ids"]):
+        enc = tokenizer(part, padding="max_length", max_length=max_length)    # lists: a longer one stays longer
+        for i, ids in enumerate(enc["input_ids"]):
             if len(ids) > max_length:
                 raise ValueError(f"caption {start + i} is {len(ids)} tokens, longer than {max_length}: {part[i][:60]!r}")
-        enc = tokenizer(part, padding="max_length", max_length=max_length, return_tensors="pt")
-        ids, valid = enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+        ids = torch.tensor(enc["input_ids"], device=device)
+        valid = torch.tensor(enc["attention_mask"], device=device).bool()
         h = encoder(input_ids=ids, attention_mask=valid.long()).last_hidden_state.float()
         n = valid.sum(1)
         out = torch.zeros_like(h)
