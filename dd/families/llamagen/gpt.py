@@ -338,6 +338,18 @@ class _Backbone(nn.Module):
                              f"{self.freqs_cis.shape[0]} (class token + block_size)")
         return self.freqs_cis[start:start + length]
 
+    def _key_valid(self, cond_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """[B, cls_token_num + block_size] visibility of each position as a key (t2i caption mask)."""
+        if cond_mask is None:
+            return None
+        if not self.config.text_conditional:
+            raise ValueError("cond_mask applies to text-to-image models only")
+        n_cls = self.config.cls_token_num
+        if cond_mask.ndim != 2 or cond_mask.shape[1] < n_cls:
+            raise ValueError(f"cond_mask must be [B, >= {n_cls}], got {tuple(cond_mask.shape)}")
+        valid = cond_mask[:, :n_cls] > 0
+        return torch.cat([valid, valid.new_ones(valid.shape[0], self.config.block_size)], dim=1)
+
     def run_blocks(self, h: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                    key_valid: torch.Tensor | None = None) -> torch.Tensor:
         rope = self.rope(start, h.shape[1], h.device)
@@ -382,18 +394,6 @@ class GPT(_Backbone):
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.cls_token_num + self.config.block_size)
-
-    def _key_valid(self, cond_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """[B, cls_token_num + block_size] visibility of each position as a key (t2i caption mask)."""
-        if cond_mask is None:
-            return None
-        if not self.config.text_conditional:
-            raise ValueError("cond_mask applies to text-to-image models only")
-        n_cls = self.config.cls_token_num
-        if cond_mask.ndim != 2 or cond_mask.shape[1] < n_cls:
-            raise ValueError(f"cond_mask must be [B, >= {n_cls}], got {tuple(cond_mask.shape)}")
-        valid = cond_mask[:, :n_cls] > 0
-        return torch.cat([valid, valid.new_ones(valid.shape[0], self.config.block_size)], dim=1)
 
     def forward(self, idx: torch.Tensor | None, cond: torch.Tensor | None = None,
                 cache: KVCache | None = None, cond_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -101,20 +101,19 @@ class DDStudent(_Backbone):
         self.register_buffer("caption_mask", caption_mask.bool(), persistent=False)
         return self
 
-    def condition(self, labels: torch.Tensor, n_tokens: int):
-        """(condition positions [B, n_cls, D], keys each query may see [B, n_cls + n] or None, the one vector
-        [B, 1, D] that modulates the embedding head)."""
+    def condition(self, labels: torch.Tensor):
+        """(condition positions [B, n_cls, D], keys each query may see [B, n_cls + block_size] or None, the one
+        vector [B, 1, D] that modulates the embedding head)."""
         if not self.config.text_conditional:
             cond = self.cls_embedding(labels)                                # [B, 1, D]
             return cond, None, cond
         if getattr(self, "captions", None) is None:
             raise ValueError("a text-to-image student needs its prompt set: bind_prompts(captions, mask)")
         labels = labels.long().to(self.captions.device)
-        mask = self.caption_mask[labels][:, :self.config.cls_token_num]
+        keys = self._key_valid(self.caption_mask[labels])                     # the GPT's caption mask
         cond = self.cls_embedding(self.captions[labels])[:, :self.config.cls_token_num]
-        valid = mask.to(cond.dtype)[..., None]
+        valid = keys[:, :self.config.cls_token_num].to(cond.dtype)[..., None]
         pooled = (cond * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-        keys = torch.cat([mask, mask.new_ones(mask.shape[0], n_tokens)], dim=1)
         return cond, keys, pooled
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
@@ -122,7 +121,7 @@ class DDStudent(_Backbone):
         """x [B, n, C], labels [B], t [B] (AR step = number of given data tokens) ->
         (logits [B, n, V] float, embeddings [B, n, C] float), raw head outputs at every token; with
         ``rows`` = (logit_tokens, emb_tokens) only the logits and embeddings of those tokens."""
-        cond_tokens, keys, cond = self.condition(labels, x.shape[1])
+        cond_tokens, keys, cond = self.condition(labels)
         h = torch.cat([cond_tokens, self.tok_embeddings(x)], dim=1)
         h = h + self.n_d_embed(self.noise_data_index(t.to(x.device).long(), x.shape[1]))
         h = self.run_blocks(self.tok_dropout(h), key_valid=keys)
