@@ -55,7 +55,7 @@ def _train_settings(cfg: dict, section: str) -> dict:
     return {**TRAIN_DEFAULTS, **cfg[section].get("train", {})}
 
 
-def _epochs(images, labels, settings, step_fn, desc):
+def train_epochs(images, labels, settings, step_fn, desc):
     """Run ``step_fn(images, labels) -> (loss, stats)`` over shifted, shuffled batches."""
     from tqdm import tqdm
 
@@ -73,7 +73,7 @@ def _epochs(images, labels, settings, step_fn, desc):
     return stats
 
 
-def _optimiser(model, settings, n_images: int):
+def make_optimiser(model, settings, n_images: int):
     """AdamW, and the learning-rate schedule to step after every optimiser step."""
     opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95),
                             weight_decay=settings["weight_decay"])
@@ -91,7 +91,7 @@ def train_tokenizer(cfg: dict, out: Path) -> dict:
     torch.manual_seed(settings["seed"])
     tok = families.build_tokenizer(cfg["family"], cfg["tokenizer"]["arch"]).train()
     images, labels = load_digits_images(cfg["image_size"], "train")
-    opt, sched = _optimiser(tok, settings, len(images))
+    opt, sched = make_optimiser(tok, settings, len(images))
 
     def step(x, _):
         loss, stats = tok.training_loss(x)
@@ -103,7 +103,7 @@ def train_tokenizer(cfg: dict, out: Path) -> dict:
         return stats
 
     t0 = time.perf_counter()
-    stats = _epochs(images, labels, settings, step, f"tokenizer ({cfg['family']})")
+    stats = train_epochs(images, labels, settings, step, f"tokenizer ({cfg['family']})")
     tok.eval()
     test_images, test_labels = load_digits_images(cfg["image_size"], "test")
     with torch.no_grad():
@@ -133,7 +133,7 @@ def train_teacher(cfg: dict, tokenizer_path: Path, out: Path, classifier: Path |
     ar = families.build_ar(family, cfg["teacher"]["arch"], tok, cfg["image_size"]).train()
     teacher = families.make_teacher(family, tok, ar)
     images, labels = load_digits_images(cfg["image_size"], "train")
-    opt, sched = _optimiser(ar, settings, len(images))
+    opt, sched = make_optimiser(ar, settings, len(images))
 
     def step(x, y):
         with torch.no_grad():
@@ -147,7 +147,7 @@ def train_teacher(cfg: dict, tokenizer_path: Path, out: Path, classifier: Path |
         return {"ce": loss.item()}
 
     t0 = time.perf_counter()
-    stats = _epochs(images, labels, settings, step, f"teacher ({family})")
+    stats = train_epochs(images, labels, settings, step, f"teacher ({family})")
     ar.eval()
     report = {"train_seconds": time.perf_counter() - t0, **stats}
     families.save_model(out, family, "ar", ar, report=report)

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from dd.evaluation import digit_prompts as dp
-from dd.evaluation.classifier import random_shift
 from dd.evaluation.digits import load_digits_images, save_grid_png
 from dd.families.llamagen.gpt import GPT, GPTConfig
 from dd.families.llamagen.teacher import LlamaGenT2ITeacher
 from dd.families.llamagen.text_encoder import encode_captions, tiny_t5
 from dd.io import atomic_torch_save
 from dd.method.teacher import SamplingConfig
+from dd.pipeline.tiny_teachers import TRAIN_DEFAULTS, make_optimiser, train_epochs
 
 RELEASES = Path(__file__).resolve().parents[3] / "releases" / "tiny"
 
@@ -64,32 +64,28 @@ def train_t2i_teacher(cfg: dict, out: Path, classifier: Path | None = None, log=
                         cls_token_num=feats.shape[1], block_size=(cfg["image_size"] // tok.config.downsample_factor) ** 2,
                         **cfg["arch"])
     gpt = GPT(gpt_cfg).train()
-    opt = torch.optim.AdamW(gpt.parameters(), lr=s["lr"], betas=(0.9, 0.95))
     captioned = np.unique(image_of)
     per_image = {i: np.flatnonzero(image_of == i) for i in captioned}
-    steps_per_epoch = -(-len(captioned) // s["batch_size"])
-    total = s["epochs"] * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + np.cos(np.pi * min(k, total) / total)))
-    g = torch.Generator().manual_seed(s["seed"])
+    settings = {**TRAIN_DEFAULTS, **s}
+    opt, sched = make_optimiser(gpt, settings, len(captioned))
     rng = np.random.default_rng(s["seed"])
+
+    def step(x, image_ids):
+        cap = np.array([rng.choice(per_image[i]) for i in image_ids.tolist()])   # one phrasing at random
+        with torch.no_grad():
+            idx = tok.encode(x)[1].flatten(1)
+        loss = gpt.training_loss(idx, feats[cap], cond_mask=masks[cap])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), settings["grad_clip"])
+        opt.step()
+        sched.step()
+        return {"ce": loss.item()}
+
     t0 = time.perf_counter()
-    for epoch in range(s["epochs"]):
-        order = captioned[torch.randperm(len(captioned), generator=g).numpy()]
-        for b in range(0, len(order), s["batch_size"]):
-            img = order[b:b + s["batch_size"]]
-            cap = np.array([rng.choice(per_image[i]) for i in img])
-            x = random_shift(images[img], s["max_shift"], g)
-            with torch.no_grad():
-                idx = tok.encode(x)[1].flatten(1)
-            loss = gpt.training_loss(idx, feats[cap], cond_mask=masks[cap])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
-            opt.step()
-            sched.step()
-        log(f"epoch {epoch + 1}/{s['epochs']}: ce {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    stats = train_epochs(images[captioned], torch.from_numpy(captioned), settings, step, "t2i teacher (llamagen)")
     gpt.eval()
-    report = {"train_seconds": time.perf_counter() - t0, "ce": loss.item(), "captions": len(texts),
+    report = {"train_seconds": time.perf_counter() - t0, "ce": stats["ce"], "captions": len(texts),
               "captioned_images": len(captioned)}
     report.update(check_t2i_teacher(tok, gpt, scale, cfg, out, classifier, (t5_tok, t5)))
     atomic_torch_save({"family": "llamagen", "kind": "ar", "config": gpt_cfg.__dict__, "model": gpt.state_dict(),
