@@ -341,10 +341,16 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
     return problems
 
 
+def distill_processes(resources: dict) -> int:
+    """Processes of an experiment's distillation job: ``resources.distill.processes``, else one per GPU (at least
+    one). The workflow's launcher reads the same, with the GPU count Snakemake resolved."""
+    res = resources["distill"]
+    return res.get("processes") or max(int(res.get("gpu") or 0), 1)
+
+
 def distill_batch_problems(name: str, exp: dict) -> list[tuple[str, str]]:
     """The global batch splits evenly over the distillation's processes, and each share into micro-batches."""
-    d, res = exp["distill"], exp["resources"]["distill"]
-    processes = res.get("processes") or max(res.get("gpu", 0), 1)
+    d, processes = exp["distill"], distill_processes(exp["resources"])
     if d["batch_size"] % processes:
         return [(f"experiments.{name}.distill.batch_size", f"{d['batch_size']} does not split evenly over the "
                  f"{processes} distillation processes")]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from dd.pipeline.config import ConfigError, load_config, released_teachers
+from dd.pipeline.config import ConfigError, distill_processes, load_config, released_teachers
 
 CUDA_HOST_MB = 3000          # host memory of the CUDA runtime in a GPU process (libraries, context): typical, not measured
 MAX_OVER = 10
@@ -110,8 +110,8 @@ def check_experiment(name: str, exp: dict, rehearsal: dict, benchmarks: Path) ->
         declared = exp["resources"][stage]
         gpu = int(declared["gpu"] or 0)
         if stage == "distill":   # per process, then the configuration's processes
-            measured_per = measured / (rehearsal["resources"]["distill"]["processes"] or 1)
-            processes = declared["processes"] or max(gpu, 1)
+            measured_per = measured / distill_processes(rehearsal["resources"])
+            processes = distill_processes(exp["resources"])
             need = processes * (measured_per + _count_terms_mb(exp, stage, record) + (CUDA_HOST_MB if gpu else 0))
         else:
             rehearsal_terms = _count_terms_mb(rehearsal, stage, record)
@@ -284,7 +284,7 @@ def measure_gpu_stages(exp: dict, device, stages=GPU_STAGES, distill_repeats: in
 
     if p and "distill" in exp and "distill" in stages:
         d = exp["distill"]
-        gpus = max(int(res["distill"]["gpu"] or 0), 1)
+        gpus = distill_processes(res)
         b = d["batch_size"] // gpus
         cfg = DistillConfig(timesteps=list(d["timesteps"]), batch_size=b, micro_batch_size=d["micro_batch_size"],
                             emb_loss=d["emb_loss"], seed=0)
