@@ -146,18 +146,21 @@ def caption(digit: int, words: dict[str, str], phrasing: int) -> str:
 PROMPT_COLUMNS = ("prompt", "digit", *ATTRIBUTES)
 
 
-def prompt_rows(images: np.ndarray, labels: np.ndarray, scale: AttributeScale, split: str) -> list[dict]:
-    """One row per image that shows at least ``MIN_ATTRIBUTES`` clear attributes: its caption (the split's
-    phrasings, taken in turn), its digit and its attribute words (empty where the caption says nothing)."""
+def captionable(images: np.ndarray, labels: np.ndarray, scale: AttributeScale) -> list[tuple[int, int, dict]]:
+    """(image index, digit, attribute words) of each image that shows at least ``MIN_ATTRIBUTES`` clear
+    attributes, in order: the images a caption can describe."""
     described = describe(measure(images), labels, scale)
+    return [(i, digit, words) for i, (digit, words) in enumerate(zip(labels.tolist(), described))
+            if len(words) >= MIN_ATTRIBUTES]
+
+
+def prompt_rows(images: np.ndarray, labels: np.ndarray, scale: AttributeScale, split: str) -> list[dict]:
+    """One row per captionable image: its caption (the split's phrasings, taken in turn), its digit and its
+    attribute words (empty where the caption says nothing)."""
     ids = list(phrasing_ids(split))
-    rows = []
-    for i, (digit, words) in enumerate(zip(labels.tolist(), described)):
-        if len(words) < MIN_ATTRIBUTES:
-            continue
-        rows.append({"prompt": caption(digit, words, ids[len(rows) % len(ids)]), "digit": str(digit),
-                     "image": str(i), **{a: words.get(a, "") for a in ATTRIBUTES}})
-    return rows
+    return [{"prompt": caption(digit, words, ids[k % len(ids)]), "digit": str(digit), "image": str(i),
+             **{a: words.get(a, "") for a in ATTRIBUTES}}
+            for k, (i, digit, words) in enumerate(captionable(images, labels, scale))]
 
 
 def write_prompt_file(path, rows: list[dict]) -> None:

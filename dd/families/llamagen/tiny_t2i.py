@@ -39,14 +39,12 @@ def shipped_tokenizer():
 
 
 def caption_table(images: np.ndarray, labels: np.ndarray, scale: dp.AttributeScale, split: str):
-    """(image index per caption, captions [K] in every phrasing of ``split`` for each captioned image)."""
-    words = dp.describe(dp.measure(images), labels, scale)
+    """(image index per caption, captions [K] in every phrasing of ``split`` for each captionable image)."""
     index, texts = [], []
-    for i, (digit, w) in enumerate(zip(labels.tolist(), words)):
-        if len(w) >= dp.MIN_ATTRIBUTES:
-            for k in dp.phrasing_ids(split):
-                index.append(i)
-                texts.append(dp.caption(digit, w, k))
+    for i, digit, words in dp.captionable(images, labels, scale):
+        for k in dp.phrasing_ids(split):
+            index.append(i)
+            texts.append(dp.caption(digit, words, k))
     return np.array(index), texts
 
 
