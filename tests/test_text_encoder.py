@@ -72,3 +72,50 @@ def test_caption_features_command_encodes_a_prompt_file_and_refuses_a_bad_one(tm
     assert main(["caption-features", "--prompts", str(bad), "--out", str(tmp_path / "d.npz")]) == 2
     assert f"{bad}: row 4: empty prompt" in capsys.readouterr().err
     assert not (tmp_path / "d.npz").exists()
+
+
+def test_a_t2i_teacher_runs_the_pair_command_over_a_prompt_set_given_by_captions(tmp_path, capsys):
+    """``--captions`` turns a text-to-image checkpoint into a teacher over that prompt set (labels = prompt rows):
+    generate-pairs runs on it; without captions, or with captions for a class-conditional teacher, a clear error."""
+    from dd.__main__ import main
+    from dd.families.llamagen.gpt import GPT
+    from dd.families.llamagen.tiny_t2i import RELEASES
+    from dd.families.loading import load_teacher, save_model
+    from dd.io import ArtefactError
+    from dd.method.pairs import open_shard
+
+    tok_file = RELEASES / "tiny_llamagen_tokenizer.safetensors"
+    c2i_file = RELEASES / "tiny_llamagen_ar.safetensors"
+    feats, mask = encode_captions(PROMPTS, *tiny_t5())
+    captions = tmp_path / "captions.npz"
+    write_caption_features(captions, feats, mask, PROMPTS, "tiny-t5")
+    spec = {"family": "llamagen", "tokenizer": tok_file, "model": c2i_file, "released": True}
+    c2i, _ = load_teacher(spec)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(dim=32, n_layer=1, n_head=2, multiple_of=32, vocab_size=c2i.gpt.config.vocab_size,
+                        model_type="t2i", caption_dim=feats.shape[-1], cls_token_num=120,
+                        block_size=c2i.gpt.config.block_size))
+    t2i_file = tmp_path / "t2i.pt"
+    save_model(t2i_file, "llamagen", "ar", gpt)
+    tok_pt = tmp_path / "tok.pt"
+    save_model(tok_pt, "llamagen", "tokenizer", c2i.tokenizer)
+    ours = {"family": "llamagen", "tokenizer": tok_pt, "model": t2i_file}
+    teacher, tid = load_teacher({**ours, "captions": captions})
+    assert teacher.num_classes == len(PROMPTS)
+    _, tid_other = load_teacher({**ours, "captions": captions})
+    assert tid == tid_other
+    with pytest.raises(ArtefactError, match="text-to-image teacher; give the caption features"):
+        load_teacher(ours)
+    with pytest.raises(ArtefactError, match="class-conditional and takes no captions"):
+        load_teacher({**spec, "captions": captions})
+    out = tmp_path / "shard_00000.bin"
+    args = ["generate-pairs", "--family", "llamagen", "--tokenizer", str(tok_pt), "--model", str(t2i_file),
+            "--captions", str(captions), "--shard", "0", "--count", "6", "--seed", "0", "--chunk", "3",
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    records, _ = open_shard(out)
+    assert sorted(set(records["label"].tolist())) == [0, 1, 2]          # prompt rows
+    no_captions = args[:7] + args[9:]
+    no_captions[no_captions.index(str(out))] = str(tmp_path / "other.bin")
+    assert main(no_captions) == 2
+    assert "give the caption features of its prompt set" in capsys.readouterr().err

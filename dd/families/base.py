@@ -46,6 +46,7 @@ class ReleasedTeacher:
     image_size: int = 256
     domain: str = "imagenet"    # what it generates: "imagenet" (FID against ImageNet) or "digits" (the default's)
     original_format: bool = True  # the original code's files (the family's loaders); False: our own checkpoints
+    text_encoder: str | None = None  # text-to-image: the release name of the encoder its caption features come from
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,15 @@ class Family(ABC):
         """A loaded student given what its teacher's labels stand for, where that is not in its weights (a
         text-to-image teacher's prompt set); by default nothing."""
         return student
+
+    def with_captions(self, teacher: Teacher, captions: Path) -> Teacher:
+        """The teacher over the prompt set whose caption features ``captions`` holds (``python -m dd caption-features``):
+        a text-to-image teacher's labels are that set's rows. Families without text conditioning refuse."""
+        raise ArtefactError(f"--captions {captions}: a {self.name} teacher is not text-conditional and takes no captions")
+
+    def needs_captions(self, teacher: Teacher) -> bool:
+        """Whether ``teacher`` is text-to-image and so needs ``with_captions`` before it can run."""
+        return False
 
     def random_release(self, name: str) -> dict | None:
         """The released file ``name`` (one of ``releases``) with seeded random weights (from the global RNG), as the

@@ -106,7 +106,8 @@ def file_id(path: Path) -> str:
 
 def load_teacher(spec: dict, device="cpu") -> tuple[Teacher, str]:
     """A frozen teacher and its id from a teacher spec: ``{family, tokenizer: path, model: path}`` for our
-    checkpoints, plus ``released: true`` for the released files."""
+    checkpoints, plus ``released: true`` for the released files, and ``captions: path`` (caption features of a prompt
+    set) for a text-to-image teacher."""
     family = spec["family"]
     f = get_family(family)
     tok_path, model_path = Path(spec["tokenizer"]), Path(spec["model"])
@@ -120,6 +121,16 @@ def load_teacher(spec: dict, device="cpu") -> tuple[Teacher, str]:
         if tok_family != family:
             raise ArtefactError(f"{tok_path}: a {tok_family!r} tokenizer, but the teacher family is {family!r}")
         teacher = make_teacher(family, tok, load_ar(model_path, tok, family))
+    if spec.get("captions"):
+        captions = Path(spec["captions"])
+        if not captions.is_file():
+            raise ArtefactError(f"teacher captions: {captions} not found")
+        teacher = f.with_captions(teacher, captions)
+    elif f.needs_captions(teacher):
+        raise ArtefactError(f"{model_path}: a text-to-image teacher; give the caption features of its prompt set "
+                            f"(--captions, written by python -m dd caption-features)")
+    # the prompt set is what the labels stand for, not part of the teacher: a student distilled on one prompt set
+    # samples another (the held-out evaluation prompts) with the same teacher id
     teacher_id = f"{family}:{file_id(tok_path)}:{file_id(model_path)}"
     return teacher.to(device).eval().requires_grad_(False), teacher_id
 
@@ -184,11 +195,14 @@ def add_teacher_arguments(parser) -> None:
     g.add_argument("--tokenizer", type=Path, required=True, help="tokenizer checkpoint")
     g.add_argument("--model", type=Path, required=True, help="AR transformer checkpoint")
     g.add_argument("--released", action="store_true", help="the files are the released checkpoints")
+    g.add_argument("--captions", type=Path, default=None,
+                   help="text-to-image: caption features of the prompt set the labels index (python -m dd caption-features)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
 
 def teacher_from_args(args) -> tuple[Teacher, str]:
     torch.set_num_threads(max(1, args.threads))
-    spec = {"family": args.family, "tokenizer": args.tokenizer, "model": args.model, "released": args.released}
+    spec = {"family": args.family, "tokenizer": args.tokenizer, "model": args.model, "released": args.released,
+            "captions": getattr(args, "captions", None)}
     return load_teacher(spec, args.device)

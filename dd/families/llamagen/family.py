@@ -8,6 +8,7 @@ from dd.families.llamagen.gpt import GPT, GPTConfig, gpt_preset
 from dd.families.llamagen.student import DDConfig, DDStudent
 from dd.families.llamagen.teacher import LlamaGenT2ITeacher, LlamaGenTeacher
 from dd.families.llamagen.tokenizer import VQConfig, VQModel, vq_16
+from dd.io import ArtefactError
 
 _LLAMAGEN, _DD = "FoundationVision/LlamaGen", "microsoft/distilled_decoding"
 _GPT_NESTING = 'ckpt["model"] (original falls back to "module", then "state_dict"); loaded non-strictly'
@@ -76,6 +77,21 @@ class LlamaGenFamily(Family):
         if student.config.text_conditional and isinstance(teacher, LlamaGenT2ITeacher):
             student.bind_prompts(teacher.captions, teacher.caption_mask)
         return student
+
+    def with_captions(self, teacher: LlamaGenTeacher, captions: Path) -> LlamaGenT2ITeacher:
+        from dd.families.llamagen.text_encoder import read_caption_features
+
+        if not teacher.gpt.config.text_conditional:
+            raise ArtefactError(f"--captions {captions}: this LlamaGen teacher is class-conditional and takes no captions")
+        features, mask = read_caption_features(captions)
+        want = (teacher.gpt.config.cls_token_num, teacher.gpt.config.caption_dim)
+        if tuple(features.shape[1:]) != want:
+            raise ArtefactError(f"--captions {captions}: features of shape {tuple(features.shape[1:])} (positions, "
+                                f"dim) but the teacher reads {want}: encoded by another text encoder?")
+        return LlamaGenT2ITeacher(teacher.tokenizer, teacher.gpt, features, mask)
+
+    def needs_captions(self, teacher: LlamaGenTeacher) -> bool:
+        return teacher.gpt.config.text_conditional and not isinstance(teacher, LlamaGenT2ITeacher)
 
     def random_release(self, name: str) -> dict | None:
         if name == "llamagen_vq16":
