@@ -117,3 +117,38 @@ def test_digit_prompts_command_writes_both_prompt_sets_and_the_scale(tmp_path):
     assert len(train) > 500 and len(evaluation) > 100
     scale = dp.AttributeScale.from_dict(json.loads((tmp_path / "attribute_scale.json").read_text()))
     assert scale.median.shape == (10, 3)
+
+
+def test_evaluate_reports_prompt_accuracy_of_samples_against_their_prompt_rows(tmp_path, capsys):
+    """``dd evaluate --prompts``: the test digits, each labelled with the row of its own caption, match their prompts
+    (up to the classifier's errors); the same images labelled with other rows do not."""
+    import json
+
+    from dd.__main__ import main
+    from dd.evaluation.digits import load_digits_images
+    from dd.evaluation.sample_sets import write_sample_set
+    from dd.families.llamagen.tiny_t2i import RELEASES
+    from dd.pipeline.prompt_files import read_prompts
+
+    assert main(["digit-prompts", "--out-dir", str(tmp_path)]) == 0
+    rows = read_prompts(tmp_path / "prompts_eval.tsv", "prompt", extra_columns=("image",))
+    images, _ = load_digits_images(16, "test")
+    shown = images[[int(r["image"]) for r in rows]]
+    weights = RELEASES / "digits_classifier_16.safetensors"
+    results = {}
+    for name, labels in (("own", np.arange(len(rows))), ("shifted", (np.arange(len(rows)) + 7) % len(rows))):
+        write_sample_set(tmp_path / f"{name}.npz", shown, labels)
+        out = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--samples", str(tmp_path / f"{name}.npz"), "--weights", str(weights),
+                     "--no-isc", "--no-kid", "--no-prc", "--prompts", str(tmp_path / "prompts_eval.tsv"),
+                     "--attribute-scale", str(tmp_path / "attribute_scale.json"), "--out", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    own, shifted = results["own"], results["shifted"]
+    assert own["prompt_accuracy"] >= 0.85 and own["classifier_accuracy"] >= own["prompt_accuracy"]
+    assert shifted["prompt_accuracy"] < 0.3
+    assert own["prompt_accuracy"] - shifted["prompt_accuracy"] > 4 * (own["prompt_accuracy_std"]
+                                                                     + shifted["prompt_accuracy_std"])
+    bad = ["evaluate", "--samples", str(tmp_path / "own.npz"), "--weights", str(weights), "--no-fid",
+           "--prompts", str(tmp_path / "prompts_eval.tsv")]
+    assert main(bad) == 2 and "--attribute-scale go together" in capsys.readouterr().err
+

@@ -323,6 +323,36 @@ def classifier_accuracy(samples_npz, classifier_path, device: str | None = None)
     return (predicted == torch.from_numpy(samples.labels)).float().mean().item()
 
 
+def prompt_accuracies(samples_npz, classifier_path, prompts_path, scale_path, device: str | None = None) -> dict:
+    """Text-to-image digits: ``prompt_accuracy`` (the classifier's digit and every measured attribute word match the
+    prompt, ``digit_prompts.prompt_accuracy``) and ``classifier_accuracy`` (the digit alone), each with its standard
+    error over samples (``_std``). Sample i was generated from prompt row ``labels[i]`` of ``prompts_path`` (the
+    prompt file the sampler's caption features encode); ``scale_path`` is ``attribute_scale.json``."""
+    import json as _json
+
+    from dd.evaluation import digit_prompts as dp
+    from dd.pipeline.prompt_files import read_prompts
+
+    rows = read_prompts(prompts_path, "prompt", extra_columns=dp.PROMPT_COLUMNS[1:])
+    scale = dp.AttributeScale.from_dict(_json.loads(Path(scale_path).read_text()))
+    samples = samples_npz if isinstance(samples_npz, SampleSet) else load_sample_set(samples_npz)
+    if samples.labels is None or len(samples.labels) == 0:
+        raise ValueError(f"{samples.source}: prompt accuracy needs the prompt row of every sample (labels)")
+    if samples.labels.min() < 0 or samples.labels.max() >= len(rows):
+        raise ValueError(f"{samples.source}: labels must be rows 0..{len(rows) - 1} of {prompts_path}, got "
+                         f"{int(samples.labels.min())}..{int(samples.labels.max())}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    images = torch.from_numpy(samples.images)
+    predicted = classify(load_classifier(classifier_path).to(device), images).cpu().numpy()
+    as_float = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
+    sample_rows = [rows[i] for i in samples.labels.tolist()]
+    correct = dp.prompt_accuracy(as_float.numpy(), predicted, sample_rows, scale)
+    digit = (predicted == np.array([int(r["digit"]) for r in sample_rows])).astype(float)
+    n = len(correct)
+    return {"prompt_accuracy": float(correct.mean()), "prompt_accuracy_std": float(correct.std(ddof=1) / np.sqrt(n)),
+            "classifier_accuracy": float(digit.mean()), "classifier_accuracy_std": float(digit.std(ddof=1) / np.sqrt(n))}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
@@ -339,6 +369,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: --weights when the feature extractor is digits-classifier)")
     for metric in ("fid", "isc", "kid", "prc"):
         parser.add_argument(f"--no-{metric}", action="store_true", help=f"skip {metric.upper()}")
+    parser.add_argument("--prompts", help="text-to-image digits: the prompt file whose rows the sample labels are; adds "
+                        "prompt_accuracy (and classifier_accuracy against the prompts' digits)")
+    parser.add_argument("--attribute-scale", help="with --prompts: attribute_scale.json of python -m dd digit-prompts")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     d = EvaluationSettings()
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -358,6 +391,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if bool(args.prompts) != bool(args.attribute_scale):
+        print("python -m dd evaluate: error: --prompts and --attribute-scale go together", file=sys.stderr)
+        return 2
     try:
         samples = load_sample_set(args.samples)
         # a bad --vs-samples file fails here, before any feature extraction
@@ -372,7 +408,11 @@ def main(args: argparse.Namespace) -> int:
             prc_neighborhood=args.prc_neighborhood, cache_dir=args.cache_dir,
         )
         classifier = args.classifier or (args.weights if args.feature_extractor == DIGITS_EXTRACTOR else None)
-        if classifier is not None and samples.labels is not None:
+        if args.prompts:
+            if classifier is None:
+                raise ValueError("--prompts needs the digits classifier (--classifier, or the digits feature network)")
+            metrics.update(prompt_accuracies(samples, classifier, args.prompts, args.attribute_scale, args.device))
+        elif classifier is not None and samples.labels is not None:
             metrics["classifier_accuracy"] = classifier_accuracy(samples, classifier, device=args.device)
         vs = None
         if vs_reference is not None:
