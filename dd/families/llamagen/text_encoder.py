@@ -1,8 +1,8 @@
 """The text encoder of LlamaGen's text-to-image model, and caption features in LlamaGen's layout.
 
 The released model reads FLAN-T5-XL encoder features (2048-d) of at most 120 tokens. The embedded default uses the
-same class (``transformers``' ``T5EncoderModel``) at a tiny configuration with seeded random weights, frozen as the
-real one is, and the byte-level T5 tokenizer (``ByT5Tokenizer``: one token per UTF-8 byte, no vocabulary file, so
+same class (``transformers``' ``T5EncoderModel``) at a tiny configuration, pretrained once (``tiny_t2i``) and frozen as
+the real one is, and the byte-level T5 tokenizer (``ByT5Tokenizer``: one token per UTF-8 byte, no vocabulary file, so
 nothing is downloaded). A caption set is encoded once, by its own pipeline job, and stored as float16 features with
 their mask (``write_caption_features``), so that pair generation, distillation and sampling never hold the encoder.
 
@@ -39,14 +39,23 @@ class TinyT5Config:
     seed: int = 0
 
 
-def tiny_t5(cfg: TinyT5Config = TinyT5Config()):
-    """(tokenizer, frozen encoder) of the embedded default; the weights come from ``cfg.seed`` alone."""
+def tiny_t5(cfg: TinyT5Config = TinyT5Config(), weights: str | Path | None = None):
+    """(tokenizer, frozen encoder) of the embedded default: the weights of the file ``weights`` (the shipped encoder,
+    pretrained by ``tiny_t2i.pretrain_text_encoder``), else seeded random weights from ``cfg.seed`` alone."""
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         fields = {k: v for k, v in asdict(cfg).items() if k != "seed"}
         encoder = T5EncoderModel(T5Config(**fields, dropout_rate=0.0))
+    if weights is not None:
+        from dd.io import ArtefactError, read_checkpoint
+
+        ck = read_checkpoint(weights, "text_encoder")
+        try:
+            encoder.load_state_dict({k: v.float() for k, v in ck["model"].items()})
+        except RuntimeError as e:
+            raise ArtefactError(f"{weights}: not the tiny T5 encoder's weights ({str(e).splitlines()[0]})") from None
     return ByT5Tokenizer(), encoder.eval().requires_grad_(False)
 
 
@@ -108,11 +117,12 @@ def read_caption_features(path: str | Path, prompts: list[str] | None = None) ->
         return torch.from_numpy(z["features"].astype(np.float32)), torch.from_numpy(z["mask"])
 
 
-def load_encoder(name: str, encoder_dir: Path | None = None):
-    """(tokenizer, frozen encoder, name): "tiny" (the embedded default), or "flan-t5-xl" from a local copy of the
-    Hugging Face snapshot ``google/flan-t5-xl`` (``encoder_dir``: nothing is fetched here)."""
+def load_encoder(name: str, encoder_dir: Path | None = None, weights: Path | None = None):
+    """(tokenizer, frozen encoder, name): "tiny" (the embedded default; ``weights``: the shipped encoder file, else
+    seeded random weights), or "flan-t5-xl" from a local copy of the Hugging Face snapshot ``google/flan-t5-xl``
+    (``encoder_dir``: nothing is fetched here)."""
     if name == "tiny":
-        return (*tiny_t5(), "tiny-t5")
+        return (*tiny_t5(weights=weights), "tiny-t5" if weights is None else f"tiny-t5:{Path(weights).name}")
     if name == "flan-t5-xl":
         if encoder_dir is None or not Path(encoder_dir).is_dir():
             raise ValueError(f"--encoder flan-t5-xl needs --encoder-dir, a local copy of google/flan-t5-xl "
@@ -130,6 +140,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--column", default="prompt", help="the prompt file's column of prompts")
     parser.add_argument("--encoder", choices=["tiny", "flan-t5-xl"], default="tiny")
     parser.add_argument("--encoder-dir", type=Path, default=None, help="flan-t5-xl: local snapshot folder")
+    parser.add_argument("--encoder-weights", type=Path, default=None,
+                        help="tiny: the shipped encoder's weights (releases/tiny/tiny_t5_encoder.safetensors)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, required=True, help="caption features .npz")
@@ -138,7 +150,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from dd.pipeline.prompt_files import read_prompts
 
-    tokenizer, encoder, name = load_encoder(args.encoder, args.encoder_dir)
+    tokenizer, encoder, name = load_encoder(args.encoder, args.encoder_dir, args.encoder_weights)
     rows = read_prompts(args.prompts, args.column, count_tokens=lambda s: len(tokenizer(s)["input_ids"]))
     prompts = [r[args.column] for r in rows]
     feats, mask = encode_captions(prompts, tokenizer, encoder.to(args.device), batch_size=args.batch_size)
