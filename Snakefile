@@ -22,6 +22,7 @@ if not workflow.overwrite_configfiles:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/teachers.smk"
+include: "workflow/rules/prompts.smk"
 include: "workflow/rules/pairs.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/sample.smk"

@@ -192,3 +192,40 @@ def test_student_config_options_are_checked_per_family():
     ok = ddconfig.check_config(mutated("experiments.tiny_var.distill.student_config",
                                        {"within_scale_attention": True}), base_dir=REPO)
     assert ok["experiments"]["tiny_var"]["distill"]["student_config"] == {"within_scale_attention": True}
+
+
+T2I = yaml.safe_load((REPO / "config" / "t2i_tiny.yaml").read_text())
+
+
+def test_text_to_image_config_plans_prompt_sets_and_caption_jobs():
+    checked = ddconfig.check_config(copy.deepcopy(T2I), base_dir=REPO)
+    exp = checked["experiments"]["tiny_t2i"]
+    plan = ddplan.plan("tiny_t2i", exp, REPO)
+    assert plan.prompt_files == {"train": "results/tiny_t2i/prompts/prompts_train.tsv",
+                                 "eval": "results/tiny_t2i/prompts/prompts_eval.tsv"}
+    assert set(plan.captions) == {"train", "eval"} and plan.attribute_scale.endswith("attribute_scale.json")
+    assert plan.text_encoder.endswith("tiny_t5_encoder.safetensors") and plan.text_encoder in plan.downloads
+    assert "onestep" not in plan.sets and {"teacher", "dd-1step", "dd-2step"} <= set(plan.sets)
+
+
+@pytest.mark.parametrize("change,key,words", [
+    (lambda c: c["experiments"]["tiny_t2i"].pop("prompts"), "experiments.tiny_t2i.prompts", "give its prompt sets"),
+    (lambda c: c["experiments"]["tiny_t2i"]["sample"].update(onestep=True), "experiments.tiny_t2i.sample.onestep",
+     "not available for text-to-image"),
+    (lambda c: c["experiments"]["tiny_t2i"]["prompts"].update(source="files", train="nowhere.tsv"),
+     "experiments.tiny_t2i.prompts.train", "nowhere.tsv: prompt file not found"),
+    (lambda c: c["experiments"]["tiny_t2i"]["prompts"].update(encoder="flan-t5-xl"),
+     "experiments.tiny_t2i.prompts.encoder_dir", "local snapshot folder"),
+])
+def test_text_to_image_config_problems_name_the_key(change, key, words):
+    config = copy.deepcopy(T2I)
+    change(config)
+    msg = problems_of(config)
+    assert key in msg and words in msg
+
+
+def test_prompts_are_refused_for_a_class_conditional_teacher():
+    config = copy.deepcopy(DEFAULT)
+    config["experiments"]["tiny_llamagen"]["prompts"] = {"source": "digits"}
+    msg = problems_of(config)
+    assert "experiments.tiny_llamagen.prompts" in msg and "text-to-image teachers only" in msg

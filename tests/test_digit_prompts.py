@@ -152,3 +152,25 @@ def test_evaluate_reports_prompt_accuracy_of_samples_against_their_prompt_rows(t
            "--prompts", str(tmp_path / "prompts_eval.tsv")]
     assert main(bad) == 2 and "--attribute-scale go together" in capsys.readouterr().err
 
+
+def test_prompt_grid_puts_each_sets_samples_beside_their_prompts(tmp_path, capsys):
+    from PIL import Image
+
+    from dd.__main__ import main
+    from dd.evaluation.sample_sets import write_sample_set
+
+    prompts = tmp_path / "p.tsv"
+    prompts.write_text("prompt\n" + "".join(f"a bold {w} leaning right\n" for w in ("one", "two", "three")))
+    rng = np.random.default_rng(0)
+    for name in ("teacher", "dd-1step"):
+        write_sample_set(tmp_path / f"{name}.npz", rng.integers(0, 256, (6, 3, 16, 16), dtype=np.uint8),
+                         np.array([0, 1, 2, 0, 1, 2]))
+    out = tmp_path / "grid.png"
+    sets = [f"{n}={tmp_path / n}.npz" for n in ("teacher", "dd-1step")]
+    assert main(["report", "prompt-grid", "--sets", *sets, "--prompts", str(prompts), "--out", str(out)]) == 0
+    w, h = Image.open(out).size
+    assert h > 3 * 64 and w > 2 * 64                     # 3 prompt rows, 2 set columns of 4x images
+    write_sample_set(tmp_path / "short.npz", rng.integers(0, 256, (2, 3, 16, 16), dtype=np.uint8), np.array([0, 1]))
+    assert main(["report", "prompt-grid", "--sets", f"x={tmp_path / 'short.npz'}", "--prompts", str(prompts),
+                 "--out", str(tmp_path / "g2.png")]) == 2
+    assert "no sample of prompt row 2" in capsys.readouterr().err

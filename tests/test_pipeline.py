@@ -160,3 +160,33 @@ def test_killed_snakemake_then_rerun_incomplete_gives_identical_shards(run_a):
         for pa, pb in zip(a, b):
             assert pa.read_bytes() == pb.read_bytes(), f"{exp}/{pa.name} differs between runs"
         assert not list((workdir / "results" / exp / "pairs").glob("*.part*"))
+
+
+def test_text_to_image_pipeline_small(tmp_path):
+    """config/t2i_tiny.yaml shrunk, through Snakemake: prompt sets and their caption features (one job each), pairs
+    and distillation on the train prompts, sample sets on the eval prompts, tables with prompt_accuracy after
+    classifier_accuracy, and the prompt grid."""
+    config = yaml.safe_load((REPO / "config" / "t2i_tiny.yaml").read_text())
+    exp = config["experiments"]["tiny_t2i"]
+    exp["pairs"].update(num_pairs=32, shard_size=16, chunk=8)
+    exp["distill"].update(batch_size=8, max_steps=6, checkpoint_every=3)
+    exp["sample"].update(num=24, batch_size=12, skip=[8])
+    exp["evaluation"].update(batch_size=12, splits=2)
+    config["mlflow"]["enabled"] = False
+    configfile = tmp_path / "t2i.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    t0 = time.monotonic()
+    finish(snakemake(tmp_path / "w", configfile))
+    print(f"\n[pipeline] small text-to-image configuration: {time.monotonic() - t0:.0f} s")
+    results = tmp_path / "w" / "results" / "tiny_t2i"
+    at = TABLE_COLUMNS.index("classifier_accuracy") + 1
+    columns = TABLE_COLUMNS[:at] + ["prompt_accuracy", "prompt_accuracy_std"] + TABLE_COLUMNS[at:]
+    t1 = pd.read_csv(results / "tables" / "table1.csv")
+    assert list(t1.columns) == columns
+    assert set(t1["method"]) == {"teacher", "skip-8", "dd"}
+    assert t1["prompt_accuracy"].between(0, 1).all() and t1["prompt_accuracy_std"].notna().all()
+    assert list(pd.read_csv(results / "tables" / "table2.csv")["method"]) == ["teacher", "dd-teacher-11-21"]
+    for split, rows in (("train", 1064), ("eval", 258)):
+        assert (results / "captions" / f"{split}.npz").is_file()
+        assert len((results / "prompts" / f"prompts_{split}.tsv").read_text().splitlines()) == rows + 1
+    assert (results / "figures" / "prompt_grid.png").stat().st_size > 1000

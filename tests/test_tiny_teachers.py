@@ -20,8 +20,9 @@ from dd.method.sample import onestep_star_sample, onestep_star_table, teacher_nl
 from dd.pipeline.download import DIGITS_CLASSIFIER, SHIPPED_DIR, SHIPPED_LOCK
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {name: (family, t) for family, f in FAMILIES.items() for name, t in f.released_teachers.items()
-        if not t.original_format}
+SHIPPED_TEACHERS = {name: (family, t) for family, f in FAMILIES.items() for name, t in f.released_teachers.items()
+                    if not t.original_format}
+TINY = {name: v for name, v in SHIPPED_TEACHERS.items() if v[1].text_encoder is None}       # class-conditional
 
 
 def shipped(name: str) -> Path:
@@ -37,7 +38,8 @@ def tiny_teacher(name: str):
 
 def test_every_shipped_file_matches_the_lock_and_the_size_limit():
     lock = json.loads(SHIPPED_LOCK.read_text())["files"]
-    expected = {DIGITS_CLASSIFIER} | {n for _, t in TINY.values() for n in (t.tokenizer, t.model)}
+    expected = {DIGITS_CLASSIFIER} | {n for _, t in SHIPPED_TEACHERS.values()
+                                      for n in (t.tokenizer, t.model, t.text_encoder) if n}
     assert set(lock) == expected
     total = 0
     for name, entry in lock.items():
@@ -103,8 +105,14 @@ def test_retraining_target_at_a_reduced_size(tmp_path):
     classifier = yaml.safe_load((REPO / "config" / "tiny" / "classifier.yaml").read_text())
     classifier["train"]["epochs"] = 5
     (tmp_path / "classifier.yaml").write_text(yaml.safe_dump(classifier))
+    t2i = yaml.safe_load((REPO / "config" / "tiny" / "llamagen_t2i.yaml").read_text())
+    t2i["arch"].update(dim=32, n_layer=1, n_head=2, multiple_of=32)
+    t2i["train"]["epochs"] = 1
+    t2i["encoder"]["steps"] = 20
+    (tmp_path / "t2i.yaml").write_text(yaml.safe_dump(t2i))
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["tiny_teachers"] = {"configs": configs, "classifier": str(tmp_path / "classifier.yaml")}
+    config["tiny_teachers"] = {"configs": configs, "classifier": str(tmp_path / "classifier.yaml"),
+                               "t2i": str(tmp_path / "t2i.yaml")}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     work = tmp_path / "work"
     work.mkdir()
@@ -114,7 +122,9 @@ def test_retraining_target_at_a_reduced_size(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     release = work / "results" / "tiny_teachers" / "release"
     lock = json.loads((release / "lock.json").read_text())
-    assert set(lock["files"]) == {DIGITS_CLASSIFIER} | {f"tiny_{f}_{k}" for f in FAMILIES for k in ("tokenizer", "ar")}
+    assert set(lock["files"]) == {DIGITS_CLASSIFIER, "tiny_llamagen_t2i_ar", "tiny_t5_encoder"} | \
+        {f"tiny_{f}_{k}" for f in FAMILIES for k in ("tokenizer", "ar")}
+    assert lock["files"]["tiny_llamagen_t2i_ar"]["dtype"] == "float16"
     for entry in lock["files"].values():
         assert sha256_file(release / entry["file"]) == entry["sha256"]
     for family in FAMILIES:
@@ -128,3 +138,37 @@ def test_retraining_target_at_a_reduced_size(tmp_path):
         accuracy = (classify(load_classifier(shipped(DIGITS_CLASSIFIER)), images) == labels).float().mean().item()
         assert accuracy > 0.3, (family, accuracy)
     assert json.loads((release / "feature_validation.json").read_text())["floor"] > 0
+
+
+def test_shipped_text_to_image_teacher_follows_held_out_prompts():
+    """The shipped t2i teacher, given the held-out phrasings of the test digits' captions through the shipped
+    encoder, draws the prompt's digit far above chance, and matches digit and attributes far more often than for
+    the same samples paired with other prompts (beyond 4 standard errors)."""
+    pytest.importorskip("transformers", reason="transformers is a dependency of the text-to-image pipeline")
+    import numpy as np
+
+    from dd.evaluation import digit_prompts as dp
+    from dd.evaluation.digits import load_digits_images
+    from dd.families.llamagen.teacher import LlamaGenT2ITeacher
+    from dd.families.llamagen.text_encoder import encode_captions, tiny_t5
+
+    family, released = SHIPPED_TEACHERS["tiny_llamagen_t2i"]
+    c2i, _ = loading.load_teacher({"family": family, "tokenizer": shipped(released.tokenizer),
+                                   "model": shipped("tiny_llamagen_ar")})
+    t2i = loading.load_ar(shipped(released.model), c2i.tokenizer, family)
+    train, train_labels = load_digits_images(16, "train")
+    scale = dp.AttributeScale.fit(dp.measure(train.numpy()), train_labels.numpy())
+    test, test_labels = load_digits_images(16, "test")
+    rows = dp.prompt_rows(test.numpy(), test_labels.numpy(), scale, "eval")
+    feats, mask = encode_captions([r["prompt"] for r in rows], *tiny_t5(weights=shipped(released.text_encoder)))
+    teacher = LlamaGenT2ITeacher(c2i.tokenizer, t2i, torch.from_numpy(feats.astype(np.float32)), torch.from_numpy(mask))
+    labels = torch.arange(len(rows))
+    idx = teacher.sample(labels, FAMILIES[family].default_sampling(2.0), torch.Generator().manual_seed(3))
+    images = teacher.decode_indices(idx)
+    pred = classify(load_classifier(shipped(DIGITS_CLASSIFIER)), images).numpy()
+    digits = np.array([int(r["digit"]) for r in rows])
+    own = dp.prompt_accuracy(images.numpy(), pred, rows, scale)
+    other = dp.prompt_accuracy(images.numpy(), pred, rows[7:] + rows[:7], scale)
+    assert (pred == digits).mean() >= 0.7
+    se = np.sqrt(own.var() / len(own) + other.var() / len(other))
+    assert own.mean() - other.mean() > 4 * se, (own.mean(), other.mean(), se)

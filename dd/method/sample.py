@@ -291,7 +291,11 @@ def main(args) -> int:
         if seq is not None:   # outside the timed region: the distillation-gap metric, not part of sampling
             nll.append(teacher_nll_bits(teacher, nearest_code_matmul(seq, teacher.codebook), labels, sampling).cpu())
     write_sample_set(args.out, images, all_labels, teacher_nll_bits=torch.cat(nll) if nll else None)
-    save_grid_png(images, all_labels, Path(args.out).with_suffix(".png"), nrow=10)
+    # a row per class; with a prompt set (hundreds of labels) the first 100 samples in order instead
+    # (the report's prompt grid shows them beside their prompts)
+    by_class = teacher.num_classes <= 100
+    save_grid_png(images if by_class else images[:100], all_labels if by_class else None,
+                  Path(args.out).with_suffix(".png"), nrow=10)
     meta = {"method": args.method, "steps": steps, "seconds_per_image": elapsed / args.num,
             "batch_size": args.batch_size, "params": params, "num": args.num, "teacher_id": teacher_id,
             "family": args.family, "seed": args.seed, "sampling": sampling.__dict__,

@@ -223,8 +223,30 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
                              f"timesteps {list(student.timesteps)} that {teacher['released_student']} was distilled "
                              "with"))
 
-    released_student = teacher.get("released_student")
     sample = exp["sample"]
+    text_to_image = released.text_encoder is not None
+    if text_to_image != ("prompts" in exp):
+        problems.append((f"{k}.prompts", f"{tname} is a text-to-image teacher: give its prompt sets" if text_to_image
+                         else f"{tname} is class-conditional: prompts apply to text-to-image teachers only"))
+    elif text_to_image:
+        prompts = exp["prompts"]
+        if prompts["source"] == "digits" and released.domain != "digits":
+            problems.append((f"{k}.prompts.source", "digits captions go with the digits teachers; give prompt files "
+                             "(source: files, train, eval)"))
+        if prompts["source"] == "files":
+            for split in ("train", "eval"):
+                if not prompts[split]:
+                    problems.append((f"{k}.prompts.{split}", "source: files needs this prompt file"))
+                elif not resolve_path(prompts[split], base_dir).is_file():
+                    problems.append((f"{k}.prompts.{split}", f"{prompts[split]}: prompt file not found"))
+        if (prompts["encoder"] == "flan-t5-xl") != (prompts["encoder_dir"] is not None):
+            problems.append((f"{k}.prompts.encoder_dir", "flan-t5-xl is read from a local snapshot folder "
+                             "(encoder_dir), and only flan-t5-xl"))
+        if sample["onestep"]:
+            # onestep* needs the teacher's token marginals per prompt of the eval set: pairs on those prompts
+            problems.append((f"{k}.sample.onestep", "onestep* is not available for text-to-image experiments: its "
+                             "per-prompt marginals would come from the train prompts' pairs, not the eval prompts"))
+    released_student = teacher.get("released_student")
     for section in ("pairs", "distill"):
         needed = released_student is None or (section == "pairs" and sample["onestep"])
         if needed and section not in exp:

@@ -106,7 +106,8 @@ def shipped_releases(lock_file: Path = SHIPPED_LOCK) -> list[ShippedRelease]:
     the digests ``releases/tiny/lock.json`` records."""
     entries = json.loads(lock_file.read_text())["files"] if lock_file.is_file() else {}
     names = [DIGITS_CLASSIFIER] + [name for f in FAMILIES.values() for t in f.released_teachers.values()
-                                   if not t.original_format for name in (t.tokenizer, t.model)]
+                                   if not t.original_format for name in (t.tokenizer, t.model, t.text_encoder) if name]
+    names = list(dict.fromkeys(names))     # teachers may share a tokenizer
     return [ShippedRelease(name, entries.get(name, {}).get("sha256"), entries.get(name, {}).get("description", ""))
             for name in names]
 

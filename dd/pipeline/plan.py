@@ -56,6 +56,12 @@ class Plan:
     reference: str
     feature_weights: str
     lpips_backbone: str | None = None  # local LPIPS backbone weights (emb_loss lpips), else a random backbone
+    # text-to-image: the prompt files ("train": pairs and distillation, "eval": sample sets) and their caption
+    # features, the encoder's weights (tiny) and, for the digits captions, the attribute scale of prompt_accuracy
+    prompt_files: dict[str, str] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
+    text_encoder: str | None = None
+    attribute_scale: str | None = None
     downloads: dict[str, str] = field(default_factory=dict)  # file under resources/checkpoints (or resources/random
                                                              # with weights: random) -> registry name/URL
 
@@ -142,7 +148,19 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
     lpips_backbone = None
     if student_file is None and distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"]:
         lpips_backbone = fetch(distill["lpips_backbone_url"])
+    prompt_files, captions, text_encoder, attribute_scale = {}, {}, None, None
+    if "prompts" in exp:
+        pr = exp["prompts"]
+        if pr["source"] == "digits":
+            prompt_files = {split: f"results/{name}/prompts/prompts_{split}.tsv" for split in ("train", "eval")}
+            attribute_scale = f"results/{name}/prompts/attribute_scale.json"
+        else:
+            prompt_files = {split: pr[split] for split in ("train", "eval")}
+        captions = {split: f"results/{name}/captions/{split}.npz" for split in ("train", "eval")}
+        if pr["encoder"] == "tiny":
+            text_encoder = fetch(released.text_encoder)
     return Plan(name=name, family=family, teacher_name=tname, teacher_label=tname, steps=steps,
                 image_size=image_size, tokenizer=tokenizer, model=model, released=released.original_format,
                 student_file=student_file, shards=shards, runs=runs, sets=sets, reference=reference,
-                feature_weights=weights, lpips_backbone=lpips_backbone, downloads=downloads)
+                feature_weights=weights, lpips_backbone=lpips_backbone, downloads=downloads,
+                prompt_files=prompt_files, captions=captions, text_encoder=text_encoder, attribute_scale=attribute_scale)

@@ -14,6 +14,8 @@ Column names are an interface (other tools read the tables): ``teacher, method, 
 recall, teacher_nll_bits, seconds_per_image, speedup``, each metric followed by its standard error ``<metric>_std``
 (over the evaluation's parts: equal, independently sampled parts of the sample set, ``evaluation.splits``; empty
 with one part), then ``kid, fid_vs_teacher (+ _std), classifier_accuracy, params, batch_size, num, set``.
+Text-to-image tables add ``prompt_accuracy, prompt_accuracy_std`` after ``classifier_accuracy`` (the share of samples
+whose digit and measured attributes match their prompt; standard error over samples, ``dd evaluate --prompts``).
 ``teacher_nll_bits`` is the teacher's mean negative log2-likelihood per token of the set's token sequences under
 its own sampling distribution (``dd.method.sample.teacher_nll_bits``; empty for skip-n, whose images lack tokens). ``method`` is ``teacher``, ``skip-<n>``, ``onestep*``, ``dd`` (``steps`` says 1 or 2) or
 ``dd-teacher-<n>-<m>`` (the paper's pre-trained-n-m); ``speedup`` = the teacher's seconds per image / the row's.
@@ -21,6 +23,7 @@ its own sampling distribution (``dd.method.sample.teacher_nll_bits``; empty for 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import re
@@ -34,6 +37,7 @@ from dd.io import atomic_write_bytes, atomic_write_text
 COLUMNS = ["teacher", "method", "steps", "fid", "fid_std", "is", "is_std", "precision", "precision_std", "recall",
            "recall_std", "teacher_nll_bits", "teacher_nll_bits_std", "seconds_per_image", "speedup",
            "kid", "fid_vs_teacher", "fid_vs_teacher_std", "classifier_accuracy", "params", "batch_size", "num", "set"]
+PROMPT_COLUMNS = ["prompt_accuracy", "prompt_accuracy_std"]    # text-to-image tables only
 FID_KEYS = ("eval/fid_1step", "eval/fid_2step")
 
 
@@ -88,6 +92,7 @@ def collect_rows(result_dir: str | Path, sets: list[str], teacher: str) -> pd.Da
             "kid": metrics.get("kid_mean"), "fid_vs_teacher": vs.get("fid"), "fid_vs_teacher_std": vs.get("fid_std"),
             "classifier_accuracy": metrics.get("classifier_accuracy"), "params": info.get("params"),
             "batch_size": info.get("batch_size"), "num": info.get("num", metrics.get("num_samples")), "set": name,
+            "prompt_accuracy": metrics.get("prompt_accuracy"), "prompt_accuracy_std": metrics.get("prompt_accuracy_std"),
         })
     teacher_rows = [r for r in rows if r["method"] == "teacher"]
     base = teacher_rows[0]["seconds_per_image"] if teacher_rows else None
@@ -95,7 +100,12 @@ def collect_rows(result_dir: str | Path, sets: list[str], teacher: str) -> pd.Da
         spi = r["seconds_per_image"]
         r["speedup"] = base / spi if base and spi else None
     rows.sort(key=_sort_key)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    # text-to-image sets (evaluated against their prompts) add prompt_accuracy after classifier_accuracy
+    columns = list(COLUMNS)
+    if any(r["prompt_accuracy"] is not None for r in rows):
+        at = columns.index("classifier_accuracy") + 1
+        columns[at:at] = PROMPT_COLUMNS
+    return pd.DataFrame(rows, columns=columns)
 
 
 def split_tables(rows: pd.DataFrame, table2_sets: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -235,6 +245,45 @@ def fig_curves(curves: dict[str, str | Path], out: str | Path, title: str = "") 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# text-to-image: samples beside their prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prompt_grid(sets: dict[str, Path], prompts: list[str], out: str | Path, rows: int = 8, scale: int = 4) -> None:
+    """A PNG with one row per prompt (its text on the left) and one column per sample set (named on top): the first
+    sample of each of the first ``rows`` prompts. Sample i of a set was generated from prompt row ``labels[i]``."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from dd.evaluation.sample_sets import load_sample_set
+
+    loaded = {name: load_sample_set(path, require_labels=True) for name, path in sets.items()}
+    first = next(iter(loaded.values()))
+    rows = min(rows, len(prompts))
+    size = first.images.shape[-1] * scale
+    head_h, pad = 18, 4
+    shown = [p[:60] for p in prompts[:rows]]
+    text_w = int(max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(p) for p in shown)) + 12
+    canvas = Image.new("RGB", (text_w + len(loaded) * (size + pad), head_h + rows * (size + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(loaded):
+        draw.text((text_w + c * (size + pad), 2), name, fill="black")
+    for r in range(rows):
+        y = head_h + r * (size + pad)
+        draw.text((2, y + size // 2 - 6), shown[r], fill="black")
+        for c, s in enumerate(loaded.values()):
+            hits = np.flatnonzero(s.labels == r)
+            if not len(hits):
+                raise ValueError(f"{s.source}: no sample of prompt row {r}")
+            img = Image.fromarray(np.asarray(s.images[hits[0]]).transpose(1, 2, 0)).resize((size, size), Image.NEAREST)
+            canvas.paste(img, (text_w + c * (size + pad), y))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    atomic_write_bytes(Path(out), buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -251,6 +300,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--tables", nargs="+", required=True)
     f.add_argument("--title", default="")
     f.add_argument("--out", required=True)
+    g = sub.add_parser("prompt-grid", help="text-to-image: samples of several sets beside their prompts")
+    g.add_argument("--sets", nargs="+", required=True, metavar="NAME=SAMPLES.npz")
+    g.add_argument("--prompts", required=True, help="the prompt file whose rows the sample labels are")
+    g.add_argument("--column", default="prompt")
+    g.add_argument("--rows", type=int, default=8)
+    g.add_argument("--out", required=True)
     c = sub.add_parser("curves", help="FID vs training step of several distillation runs")
     c.add_argument("curves", nargs="+", metavar="LABEL=METRICS.jsonl", help="'_' in a label prints as a space")
     c.add_argument("--title", default="")
@@ -265,6 +320,12 @@ def main(args: argparse.Namespace) -> int:
             print(to_markdown(t2, "Table 2"))
         elif args.what == "fig1":
             fig_fid_vs_time(args.tables, args.out, args.title)
+        elif args.what == "prompt-grid":
+            from dd.pipeline.prompt_files import read_prompts
+
+            sets = dict(item.split("=", 1) if "=" in item else (Path(item).stem, item) for item in args.sets)
+            prompts = [r[args.column] for r in read_prompts(args.prompts, args.column)]
+            prompt_grid({k: Path(v) for k, v in sets.items()}, prompts, args.out, args.rows)
         else:
             curves = {}
             for item in args.curves:

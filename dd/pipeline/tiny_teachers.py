@@ -217,7 +217,8 @@ def float16_changes_no_sample(family: str, tokenizer, ar, seed: int = 0) -> dict
             "float16": same_tokens == FLOAT16_CHECK_SAMPLES and same_images == FLOAT16_CHECK_SAMPLES}
 
 
-def release_tiny(classifier: Path, teachers: dict[str, tuple[Path, Path]], out: Path) -> dict:
+def release_tiny(classifier: Path, teachers: dict[str, tuple[Path, Path]], out: Path,
+                 t2i: tuple[Path, Path] | None = None) -> dict:
     """Write the release files (safetensors) and ``lock.json`` (name -> file, SHA-256, size, dtype) into ``out``.
     Each teacher's tokenizer and transformer go to float16 where ``float16_changes_no_sample``; the classifier stays
     float32 (its features are the FID, to every digit)."""
@@ -248,15 +249,45 @@ def release_tiny(classifier: Path, teachers: dict[str, tuple[Path, Path]], out: 
         ship(f"tiny_{family}_ar", read_checkpoint(ar_path), half, f"tiny {family} AR teacher (digits)")
     lock = {"files": entries, "float16_check": checks}
     atomic_write_json(out / "lock.json", lock)
+    if t2i is not None:
+        lock = release_t2i(*t2i, out)
+    return lock
+
+
+def release_t2i(ar: Path, encoder: Path, out: Path) -> dict:
+    """Add the text-to-image teacher and its text encoder to the release in ``out`` (files and ``lock.json``
+    entries). Both were trained with their weights rounded to float16 values (``tiny_t2i``), so the float16 files
+    hold the checked models bit for bit; a checkpoint with other weights is refused."""
+    from dd.io import read_checkpoint, sha256_file, write_safetensors
+
+    out = Path(out)
+    lock_path = out / "lock.json"
+    lock = json.loads(lock_path.read_text()) if lock_path.is_file() else {"files": {}, "float16_check": {}}
+    for name, path, description in (
+            ("tiny_llamagen_t2i_ar", ar, "tiny llamagen text-to-image AR teacher (captioned digits)"),
+            ("tiny_t5_encoder", encoder, "tiny T5 text encoder of the text-to-image teacher (frozen)")):
+        ck = read_checkpoint(path)
+        if any(v.is_floating_point() and not torch.equal(v, v.half().float()) for v in ck["model"].values()):
+            raise ValueError(f"{path}: weights are not float16 values; retrain with python -m dd train-t2i-teacher")
+        if "report" in ck:
+            ck = {**ck, "report": {k: v for k, v in ck["report"].items() if k != "train_seconds"}}
+        file = out / f"{name}.safetensors"
+        write_safetensors(file, ck, float16=True)
+        lock["files"][name] = {"file": file.name, "sha256": sha256_file(file), "size": file.stat().st_size,
+                               "dtype": "float16", "description": description}
+    atomic_write_json(lock_path, lock)
     return lock
 
 
 def add_arguments_for(name: str, parser) -> None:
     if name == "release-tiny":
-        parser.add_argument("--classifier", type=Path, required=True, help="digits classifier checkpoint")
+        parser.add_argument("--classifier", type=Path, default=None,
+                            help="digits classifier checkpoint (without it: add only --t2i-teacher to the release)")
         parser.add_argument("--teacher", action="append", default=[], metavar="FAMILY=TOKENIZER,AR",
                             help="a family's trained tokenizer and teacher checkpoints (repeat per family)")
         parser.add_argument("--out", type=Path, required=True, help="folder for the release files and lock.json")
+        parser.add_argument("--t2i-teacher", default=None, metavar="AR,TEXT_ENCODER",
+                            help="the text-to-image teacher and its text encoder, as train-t2i-teacher wrote them")
         parser.add_argument("--threads", type=int, default=1)
         return
     parser.add_argument("--config", type=Path, required=True, help="tiny-model YAML (config/tiny/*.yaml)")
@@ -278,7 +309,18 @@ def main(args) -> int:
             if not (family and tok and ar):
                 raise SystemExit(f"release-tiny: --teacher expects FAMILY=TOKENIZER,AR, got {item!r}")
             teachers[family] = (Path(tok), Path(ar))
-        print(json.dumps(release_tiny(args.classifier, teachers, args.out), indent=2))
+        t2i = None
+        if args.t2i_teacher is not None:
+            ar, _, encoder = args.t2i_teacher.partition(",")
+            if not (ar and encoder):
+                raise SystemExit(f"release-tiny: --t2i-teacher expects AR,TEXT_ENCODER, got {args.t2i_teacher!r}")
+            t2i = (Path(ar), Path(encoder))
+        if args.classifier is None:
+            if t2i is None or teachers:
+                raise SystemExit("release-tiny: without --classifier only --t2i-teacher can be added to a release")
+            print(json.dumps(release_t2i(*t2i, args.out), indent=2))
+            return 0
+        print(json.dumps(release_tiny(args.classifier, teachers, args.out, t2i), indent=2))
         return 0
     cfg = load_config(args.config)
     if args.command == "train-tokenizer":

@@ -213,6 +213,8 @@ def report_files(p: Plan) -> tuple[list[str], list[str]]:
     """(tables, figures) of an experiment: what its parent run carries as artifacts."""
     tables = [p.out("tables", f"table{i}.{ext}") for i in (1, 2) for ext in ("csv", "md")]
     figures = [p.out("figures", "fig1_fid_vs_time.png")] + ablation_figures(p)
+    if p.prompt_files:       # text-to-image: samples beside their prompts
+        figures.append(p.out("figures", "prompt_grid.png"))
     return tables, figures
 
 

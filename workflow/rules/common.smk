@@ -42,6 +42,7 @@ wildcard_constraints:
     size=r"\d+",
     filename=_alternatives(Path(f).name for f in DOWNLOADS),
     family=_alternatives(config["tiny_teachers"]["configs"]),
+    prompt_set="train|eval",
 
 
 def P(wildcards):
@@ -62,16 +63,22 @@ def stage_resource(stage, key):
     return lambda wildcards: exp_config(wildcards)["resources"][stage][key]
 
 
-def teacher_inputs(wildcards):
+def teacher_inputs(wildcards, prompts="train"):
+    """The teacher's files; a text-to-image teacher's caption features of the ``prompts`` set as well (train: pairs
+    and distillation; eval: sampling)."""
     p = P(wildcards)
-    return {"tokenizer": p.tokenizer, "model": p.model}
+    inputs = {"tokenizer": p.tokenizer, "model": p.model}
+    if p.captions:
+        inputs["captions"] = p.captions[prompts]
+    return inputs
 
 
-def teacher_args(wildcards, threads):
+def teacher_args(wildcards, threads, prompts="train"):
     p = P(wildcards)
     released = " --released" if p.released else ""
-    return (f"--family {p.family} --tokenizer {shlex.quote(p.tokenizer)} --model {shlex.quote(p.model)}{released} "
-            f"--device {DEVICE} --threads {threads}")
+    captions = f" --captions {p.captions[prompts]}" if p.captions else ""
+    return (f"--family {p.family} --tokenizer {shlex.quote(p.tokenizer)} --model {shlex.quote(p.model)}{released}"
+            f"{captions} --device {DEVICE} --threads {threads}")
 
 
 def sampling_args(section):

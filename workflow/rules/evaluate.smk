@@ -17,11 +17,16 @@ def evaluate_inputs(wildcards):
               "reference": P(wildcards).reference, "weights": P(wildcards).feature_weights}
     if wildcards.set in vs_teacher_sets(wildcards):
         inputs["teacher"] = f"results/{wildcards.experiment}/samples/teacher.npz"
+    if P(wildcards).attribute_scale:   # text-to-image digits: prompt_accuracy against the eval prompts
+        inputs.update(prompts=P(wildcards).prompt_files["eval"], attribute_scale=P(wildcards).attribute_scale)
     return inputs
 
 
 def vs_teacher_option(wildcards, input):
-    return f"--vs-samples {input.teacher} --vs-key vs_teacher" if "teacher" in input.keys() else ""
+    opts = f"--vs-samples {input.teacher} --vs-key vs_teacher" if "teacher" in input.keys() else ""
+    if "prompts" in input.keys():
+        opts += f" --prompts {shlex.quote(input.prompts)} --attribute-scale {input.attribute_scale}"
+    return opts
 
 
 rule evaluate:

@@ -50,6 +50,34 @@ rule fig1_fid_vs_time:
         "{PY} report fig1 --tables {input} --title {wildcards.experiment} --out {output} > {log} 2>&1"
 
 
+def prompt_grid_sets(wildcards):
+    """The teacher's and the DD students' sample sets (text-to-image experiments)."""
+    return {n: f"results/{wildcards.experiment}/samples/{n}.npz" for n, s in P(wildcards).sets.items()
+            if s.method in ("teacher", "dd")}
+
+
+rule prompt_grid:
+    """Text-to-image: the first samples of the teacher and the DD sets beside their (evaluation) prompts."""
+    input:
+        unpack(prompt_grid_sets),
+        prompts=lambda wc: P(wc).prompt_files["eval"],
+    output:
+        report("results/{experiment}/figures/prompt_grid.png", caption="../report/prompt_grid.rst",
+               category="Figures", subcategory="{experiment}"),
+    params:
+        sets=lambda wc: " ".join(f"{n}={f}" for n, f in prompt_grid_sets(wc).items()),
+        column=lambda wc: shlex.quote(exp_config(wc)["prompts"]["column"]),
+    log:
+        "results/{experiment}/logs/report/prompt_grid.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "{PY} report prompt-grid --sets {params.sets} --prompts {input.prompts:q} --column {params.column}"
+        " --out {output} > {log} 2>&1"
+
+
 def curve_args(kind):
     """label=metrics.jsonl pairs of the main run and the ablation runs of one kind."""
 

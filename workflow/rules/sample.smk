@@ -13,7 +13,7 @@ def sample_set(wildcards):
 
 def sample_inputs(wildcards):
     p, s = P(wildcards), sample_set(wildcards)
-    inputs = teacher_inputs(wildcards)
+    inputs = teacher_inputs(wildcards, "eval")
     if s.student_run:
         inputs["student"] = p.out("distill", s.student_run, "student.pt")
     elif s.method in ("dd", "dd-teacher"):
@@ -42,7 +42,7 @@ rule sample:
         info="results/{experiment}/samples/{set}.json",
         grid="results/{experiment}/samples/{set}.png",
     params:
-        teacher=lambda wc, threads: teacher_args(wc, threads),
+        teacher=lambda wc, threads: teacher_args(wc, threads, "eval"),
         options=sample_options,
     log:
         "results/{experiment}/logs/samples/{set}.log",

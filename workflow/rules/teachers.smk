@@ -137,12 +137,36 @@ rule train_teacher:
         " --out {output.checkpoint} --threads {threads} > {output.report} 2> {log}"
 
 
+rule train_t2i_teacher:
+    """The text-to-image teacher on captioned digits, with the tiny T5 encoder it is trained with (issue 13)."""
+    input:
+        config=lambda wc: str(ddconfig.resolve_path(config["tiny_teachers"]["t2i"], REPO)),
+        classifier=f"{TINY}/digits_classifier_16.pt",
+    output:
+        checkpoint=f"{TINY}/llamagen_t2i/ar.pt",
+        encoder=f"{TINY}/llamagen_t2i/ar_text_encoder.pt",
+        grid=f"{TINY}/llamagen_t2i/ar.png",
+    log:
+        f"{TINY}/logs/llamagen_t2i/train_teacher.log",
+    benchmark:
+        f"{TINY}/benchmarks/llamagen_t2i/train_teacher.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=1200,
+    shell:
+        "{PY} train-t2i-teacher --config {input.config:q} --classifier {input.classifier} --out {output.checkpoint}"
+        " > {log} 2>&1"
+
+
 rule release_tiny:
     """Safetensors release files (float16 where no sample changes) and their lock file."""
     input:
         classifier=f"{TINY}/digits_classifier_16.pt",
         tokenizers=expand(f"{TINY}/{{family}}/tokenizer.pt", family=sorted(config["tiny_teachers"]["configs"])),
         teachers=expand(f"{TINY}/{{family}}/ar.pt", family=sorted(config["tiny_teachers"]["configs"])),
+        t2i=f"{TINY}/llamagen_t2i/ar.pt",
+        t2i_encoder=f"{TINY}/llamagen_t2i/ar_text_encoder.pt",
     output:
         f"{TINY}/release/lock.json",
     params:
@@ -155,7 +179,8 @@ rule release_tiny:
         mem_mb=2000,
         runtime=60,
     shell:
-        "{PY} release-tiny --classifier {input.classifier} {params.teachers} --out {TINY}/release > {log} 2>&1"
+        "{PY} release-tiny --classifier {input.classifier} {params.teachers}"
+        " --t2i-teacher {input.t2i},{input.t2i_encoder} --out {TINY}/release > {log} 2>&1"
 
 
 rule validate_features:

@@ -23,6 +23,9 @@ class LlamaGenFamily(Family):
         # the embedded default's teacher, shipped in releases/tiny/ (trained by `snakemake tiny_teachers`)
         "tiny_llamagen": ReleasedTeacher(64, "tiny_llamagen_tokenizer", "tiny_llamagen_ar", image_size=16,
                                          domain="digits", original_format=False),
+        # text-to-image (issue 13): captions of the digits, the same tokenizer, the tiny T5 encoder it was trained with
+        "tiny_llamagen_t2i": ReleasedTeacher(64, "tiny_llamagen_tokenizer", "tiny_llamagen_t2i_ar", image_size=16,
+                                             domain="digits", original_format=False, text_encoder="tiny_t5_encoder"),
     }
     # the DD README commands: t_list "0,80" for both, split_t 80 for B and 130 for L
     released_students = {"dd_llamagen_b": ReleasedStudent("llamagen_b", (0, 80), 80),
