@@ -93,7 +93,7 @@ def pretrain_text_encoder(texts: list[str], facts: torch.Tensor, settings: dict,
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
         pred = heads[0](h[valid]).argmax(-1)
         acc = (pred == facts[:, None, 0].expand(-1, h.shape[1])[valid]).float().mean().item()
-    report = {"encoder_loss": float(loss), "encoder_digit_accuracy_per_position": acc}
+    report = {"encoder_loss": loss.item(), "encoder_digit_accuracy_per_position": acc}
     log(json.dumps({"text_encoder": report}))
     return tok, enc, report
 
