@@ -344,9 +344,9 @@ def prompt_accuracies(samples_npz, classifier_path, prompts_path, scale_path, de
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     images = torch.from_numpy(samples.images)
     predicted = classify(load_classifier(classifier_path).to(device), images).cpu().numpy()
-    as_float = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
     sample_rows = [rows[i] for i in samples.labels.tolist()]
-    correct = dp.prompt_accuracy(as_float.numpy(), predicted, sample_rows, scale)
+    in_range = prepare_images(images, images.shape[-1])          # [-1, 1] at the samples' own size
+    correct = dp.prompt_accuracy(in_range.numpy(), predicted, sample_rows, scale)
     digit = (predicted == np.array([int(r["digit"]) for r in sample_rows])).astype(float)
     n = len(correct)
     return {"prompt_accuracy": float(correct.mean()), "prompt_accuracy_std": float(correct.std(ddof=1) / np.sqrt(n)),

@@ -73,6 +73,15 @@ def train_epochs(images, labels, settings, step_fn, desc):
     return stats
 
 
+def optimiser_update(model, loss, opt, sched, grad_clip: float) -> None:
+    """One training update of the tiny models: backward, gradient clipping, optimiser and schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+
+
 def make_optimiser(model, settings, n_images: int):
     """AdamW, and the learning-rate schedule to step after every optimiser step."""
     opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95),
@@ -95,11 +104,7 @@ def train_tokenizer(cfg: dict, out: Path) -> dict:
 
     def step(x, _):
         loss, stats = tok.training_loss(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tok.parameters(), settings["grad_clip"])
-        opt.step()
-        sched.step()
+        optimiser_update(tok, loss, opt, sched, settings["grad_clip"])
         return stats
 
     t0 = time.perf_counter()
@@ -139,11 +144,7 @@ def train_teacher(cfg: dict, tokenizer_path: Path, out: Path, classifier: Path |
         with torch.no_grad():
             idx = teacher.encode(x)
         loss = ar.training_loss(idx, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ar.parameters(), settings["grad_clip"])
-        opt.step()
-        sched.step()
+        optimiser_update(ar, loss, opt, sched, settings["grad_clip"])
         return {"ce": loss.item()}
 
     t0 = time.perf_counter()
@@ -223,20 +224,13 @@ def release_tiny(classifier: Path, teachers: dict[str, tuple[Path, Path]], out: 
     Each teacher's tokenizer and transformer go to float16 where ``float16_changes_no_sample``; the classifier stays
     float32 (its features are the FID, to every digit)."""
     from dd.evaluation.classifier import load_checkpoint as load_classifier_checkpoint
-    from dd.io import read_checkpoint, sha256_file, write_safetensors
+    from dd.io import read_checkpoint
 
     out = Path(out)
     entries, checks = {}, {}
 
     def ship(name: str, checkpoint: dict, float16: bool, description: str) -> None:
-        # nothing run-specific in a release file (training time), so that a retrain can reproduce it bit for bit
-        if "report" in checkpoint:
-            checkpoint = {**checkpoint, "report": {k: v for k, v in checkpoint["report"].items()
-                                                   if k != "train_seconds"}}
-        path = out / f"{name}.safetensors"
-        write_safetensors(path, checkpoint, float16=float16)
-        entries[name] = {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size,
-                         "dtype": "float16" if float16 else "float32", "description": description}
+        entries[name] = write_release_file(out, name, checkpoint, float16, description)
 
     ship("digits_classifier_16", load_classifier_checkpoint(classifier), False,
          "digits classifier: the embedded default's feature network (FID / IS / precision / recall)")
@@ -254,11 +248,24 @@ def release_tiny(classifier: Path, teachers: dict[str, tuple[Path, Path]], out: 
     return lock
 
 
+def write_release_file(out: Path, name: str, checkpoint: dict, float16: bool, description: str) -> dict:
+    """Write ``out/NAME.safetensors`` and return its ``lock.json`` entry. Nothing run-specific goes into a release
+    file (training time), so that a retrain can reproduce it bit for bit."""
+    from dd.io import sha256_file, write_safetensors
+
+    if "report" in checkpoint:
+        checkpoint = {**checkpoint, "report": {k: v for k, v in checkpoint["report"].items() if k != "train_seconds"}}
+    path = Path(out) / f"{name}.safetensors"
+    write_safetensors(path, checkpoint, float16=float16)
+    return {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size,
+            "dtype": "float16" if float16 else "float32", "description": description}
+
+
 def release_t2i(ar: Path, encoder: Path, out: Path) -> dict:
     """Add the text-to-image teacher and its text encoder to the release in ``out`` (files and ``lock.json``
     entries). Both were trained with their weights rounded to float16 values (``tiny_t2i``), so the float16 files
     hold the checked models bit for bit; a checkpoint with other weights is refused."""
-    from dd.io import read_checkpoint, sha256_file, write_safetensors
+    from dd.io import read_checkpoint
 
     out = Path(out)
     lock_path = out / "lock.json"
@@ -269,12 +276,7 @@ def release_t2i(ar: Path, encoder: Path, out: Path) -> dict:
         ck = read_checkpoint(path)
         if any(v.is_floating_point() and not torch.equal(v, v.half().float()) for v in ck["model"].values()):
             raise ValueError(f"{path}: weights are not float16 values; retrain with python -m dd train-t2i-teacher")
-        if "report" in ck:
-            ck = {**ck, "report": {k: v for k, v in ck["report"].items() if k != "train_seconds"}}
-        file = out / f"{name}.safetensors"
-        write_safetensors(file, ck, float16=True)
-        lock["files"][name] = {"file": file.name, "sha256": sha256_file(file), "size": file.stat().st_size,
-                               "dtype": "float16", "description": description}
+        lock["files"][name] = write_release_file(out, name, ck, True, description)
     atomic_write_json(lock_path, lock)
     return lock
 

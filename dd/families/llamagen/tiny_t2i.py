@@ -26,7 +26,7 @@ from dd.families.llamagen.teacher import LlamaGenT2ITeacher
 from dd.families.llamagen.text_encoder import TinyT5Config, encode_captions, tiny_t5
 from dd.io import atomic_torch_save
 from dd.method.teacher import SamplingConfig
-from dd.pipeline.tiny_teachers import TRAIN_DEFAULTS, make_optimiser, train_epochs
+from dd.pipeline.tiny_teachers import TRAIN_DEFAULTS, make_optimiser, optimiser_update, train_epochs
 
 RELEASES = Path(__file__).resolve().parents[3] / "releases" / "tiny"
 
@@ -77,10 +77,13 @@ def pretrain_text_encoder(texts: list[str], facts: torch.Tensor, settings: dict,
     heads = torch.nn.ModuleList([torch.nn.Linear(d, 10)] + [torch.nn.Linear(d, 3) for _ in dp.ATTRIBUTES])
     opt = torch.optim.AdamW([*enc.parameters(), *heads.parameters()], lr=settings["lr"], weight_decay=0.0)
     g = torch.Generator().manual_seed(settings["seed"])
+
+    def normalised(h):            # what the GPT's per-position RMSNorm leaves of a position's features
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
     for _ in range(settings["steps"]):
         i = torch.randint(0, len(texts), (settings["batch_size"],), generator=g)
-        h = enc(input_ids=ids[i], attention_mask=valid[i].long()).last_hidden_state
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = normalised(enc(input_ids=ids[i], attention_mask=valid[i].long()).last_hidden_state)
         v = valid[i]
         per_position = facts[i][:, None, :].expand(-1, h.shape[1], -1)[v]           # [valid positions, facts]
         loss = sum(F.cross_entropy(head(h[v]), per_position[:, j]) for j, head in enumerate(heads))
@@ -89,8 +92,7 @@ def pretrain_text_encoder(texts: list[str], facts: torch.Tensor, settings: dict,
         opt.step()
     enc.eval().requires_grad_(False)
     with torch.no_grad():
-        h = enc(input_ids=ids, attention_mask=valid.long()).last_hidden_state
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = normalised(enc(input_ids=ids, attention_mask=valid.long()).last_hidden_state)
         pred = heads[0](h[valid]).argmax(-1)
         acc = (pred == facts[:, None, 0].expand(-1, h.shape[1])[valid]).float().mean().item()
     report = {"encoder_loss": loss.item(), "encoder_digit_accuracy_per_position": acc}
@@ -147,11 +149,7 @@ def train_t2i_teacher(cfg: dict, out: Path, classifier: Path | None = None, log=
         with torch.no_grad():
             idx = tok.encode(x)[1].flatten(1)
         loss = gpt.training_loss(idx, feats[cap], cond_mask=masks[cap])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), settings["grad_clip"])
-        opt.step()
-        sched.step()
+        optimiser_update(gpt, loss, opt, sched, settings["grad_clip"])
         return {"ce": loss.item()}
 
     t0 = time.perf_counter()
