@@ -6,10 +6,13 @@ localrules: track_samples
 
 
 def evaluation_options(wildcards):
-    ev, device = exp_config(wildcards)["evaluation"], DEVICE
-    return (f"--feature-extractor {ev['feature_extractor']} --device {device} --splits {ev['splits']}"
+    ev, device, p = exp_config(wildcards)["evaluation"], DEVICE, P(wildcards)
+    opts = (f"--feature-extractor {ev['feature_extractor']} --device {device} --splits {ev['splits']}"
             f" --batch-size {ev['batch_size']}"
             f" --isc-splits {ev['isc_splits']} --kid-subsets {ev['kid_subsets']}")
+    if p.attribute_scale:   # text-to-image digits: prompt_accuracy against the eval prompts
+        opts += f" --prompts {shlex.quote(p.prompt_files['eval'])} --attribute-scale {p.attribute_scale}"
+    return opts
 
 
 def evaluate_inputs(wildcards):
@@ -23,10 +26,7 @@ def evaluate_inputs(wildcards):
 
 
 def vs_teacher_option(wildcards, input):
-    opts = f"--vs-samples {input.teacher} --vs-key vs_teacher" if "teacher" in input.keys() else ""
-    if "prompts" in input.keys():
-        opts += f" --prompts {shlex.quote(input.prompts)} --attribute-scale {input.attribute_scale}"
-    return opts
+    return f"--vs-samples {input.teacher} --vs-key vs_teacher" if "teacher" in input.keys() else ""
 
 
 rule evaluate:
