@@ -21,6 +21,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/inputs.smk"
 include: "workflow/rules/teachers.smk"
 include: "workflow/rules/prompts.smk"
 include: "workflow/rules/pairs.smk"

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("dd.method.sample", "sample images: DD few-step, teacher-involved, teacher and baselines"),
     "digits-reference": ("dd.evaluation.reference", "write the digits reference set (FID reference of the tiny teachers)"),
     "validate-features": ("dd.evaluation.validate_features", "does FID with a feature network rank what people see?"),
+    "image-statistics": ("dd.evaluation.image_statistics", "FID statistics of a folder of real images (t2i reference)"),
+    "check-inputs": ("dd.pipeline.user_inputs", "check the files a user gives a run (prompt files, image folders)"),
     "evaluate": ("dd.evaluation.metrics", "FID / IS / precision / recall of a sample set (torch-fidelity)"),
     "track": ("dd.pipeline.track", "log finished pipeline jobs to the MLflow store"),
     "report": ("dd.pipeline.report", "tables (paper Tables 1-2) and figures (Fig. 1/6/7) from the results"),
@@ -82,9 +84,10 @@ def _user_errors() -> tuple[type, ...]:
     from dd.pipeline.config import ConfigError
     from dd.pipeline.download import DownloadError
     from dd.pipeline.prompt_files import PromptFileError
+    from dd.pipeline.user_inputs import UserInputError
 
     return (ConfigError, DistillError, DownloadError, SampleSetError, ArtefactError, ShardError, ShardSetError,
-            PromptFileError)
+            PromptFileError, UserInputError)
 
 
 if __name__ == "__main__":

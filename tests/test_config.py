@@ -14,7 +14,7 @@ from dd.pipeline import plan as ddplan
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-PAPER_CONFIGS = ["var_d16", "var_d20", "var_d24", "llamagen_b", "llamagen_l", "released_dd"]
+PAPER_CONFIGS = ["var_d16", "var_d20", "var_d24", "llamagen_b", "llamagen_l", "released_dd", "llamagen_t2i"]
 
 
 def problems_of(config) -> str:
@@ -213,9 +213,16 @@ def test_text_to_image_config_plans_prompt_sets_and_caption_jobs():
     (lambda c: c["experiments"]["tiny_t2i"]["sample"].update(onestep=True), "experiments.tiny_t2i.sample.onestep",
      "not available for text-to-image"),
     (lambda c: c["experiments"]["tiny_t2i"]["prompts"].update(source="files", train="nowhere.tsv"),
-     "experiments.tiny_t2i.prompts.train", "nowhere.tsv: prompt file not found"),
+     "experiments.tiny_t2i.prompts.eval", "eval (a file) or eval_download (a pinned download), one of them"),
+    (lambda c: c["experiments"]["tiny_t2i"]["prompts"].update(train="nowhere.tsv"),
+     "experiments.tiny_t2i.prompts.source", "prompt files are read with source: files"),
     (lambda c: c["experiments"]["tiny_t2i"]["prompts"].update(encoder="flan-t5-xl"),
      "experiments.tiny_t2i.prompts.encoder_dir", "local snapshot folder"),
+    (lambda c: c["experiments"]["tiny_t2i"]["prompts"].update(encoder="flan-t5-xl", encoder_dir="somewhere"),
+     "experiments.tiny_t2i.prompts.encoder", "reads the caption features of tiny"),
+    (lambda c: c["experiments"]["tiny_t2i"]["evaluation"].update(clip_model="openai/clip-vit-base-patch16",
+                                                                  reference_images="x"),
+     "experiments.tiny_t2i.evaluation.reference_images", "needs the folder of real images"),
 ])
 def test_text_to_image_config_problems_name_the_key(change, key, words):
     config = copy.deepcopy(T2I)

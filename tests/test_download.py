@@ -30,6 +30,7 @@ from dd.pipeline.download import (
     ChecksumError,
     DownloadError,
     ShippedRelease,
+    UrlRelease,
     _record_in_lock,
     download,
     expected_sha256,
@@ -657,6 +658,7 @@ def test_verify_file(tmp_path):
 EXPECTED_HOSTS = (
     "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/",
     "https://huggingface.co/FoundationVision/var/resolve/main/",
+    "https://huggingface.co/peizesun/llamagen_t2i/resolve/main/",   # LlamaGen's text-to-image checkpoints
     "https://huggingface.co/microsoft/distilled_decoding/resolve/main/",
 )
 
@@ -671,6 +673,10 @@ def test_registry_is_consistent():
         if isinstance(release, ShippedRelease):   # releases/tiny/: pinned by its lock file, in this checkout
             assert release.sha256 and release.url == (SHIPPED_DIR / release.filename).as_uri()
             continue
+        if isinstance(release, UrlRelease):       # a file of a Git repository, at a commit the URL names
+            assert re.fullmatch(r"https://raw\.githubusercontent\.com/[\w.-]+/[\w.-]+/[0-9a-f]{40}/.+", release.url)
+            assert release.url.endswith("/" + release.filename) and release.description
+            continue
         assert release.url.startswith(EXPECTED_HOSTS), release.url
         assert release.url.endswith("/" + release.filename)
         assert release.url == f"https://huggingface.co/{release.repo}/resolve/{release.revision}/{release.path}"
@@ -683,7 +689,8 @@ def test_registry_urls_match_the_golden_readmes():
     from conftest import golden_dir
 
     text = "".join((golden_dir(family) / "README.md").read_text() for family in ("llamagen", "var"))
-    for release in (r for r in REGISTRY.values() if not isinstance(r, ShippedRelease)):
+    text += (golden_dir("llamagen") / "manifest_gpt_t2i_xl.json").read_text()   # the text-to-image model's URLs
+    for release in (r for r in REGISTRY.values() if not isinstance(r, (ShippedRelease, UrlRelease))):
         # the READMEs spell some URLs as "<base>/<file>" templates
         base = release.url[: -len(release.filename)]
         assert release.url in text or (base + "<file>" in text and release.filename in text), release.url

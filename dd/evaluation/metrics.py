@@ -372,6 +372,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", help="text-to-image digits: the prompt file whose rows the sample labels are; adds "
                         "prompt_accuracy (and classifier_accuracy against the prompts' digits)")
     parser.add_argument("--attribute-scale", help="with --prompts: attribute_scale.json of python -m dd digit-prompts")
+    parser.add_argument("--prompt-column", default="prompt", help="the prompt file's column of prompts")
+    parser.add_argument("--clip-model", help="with --prompts: CLIP score (torchmetrics) with this CLIP model, a Hugging "
+                        "Face id or a local folder (dd.evaluation.clip_score)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     d = EvaluationSettings()
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -391,13 +394,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if bool(args.prompts) != bool(args.attribute_scale):
-        print("python -m dd evaluate: error: --prompts and --attribute-scale go together", file=sys.stderr)
+    if bool(args.prompts) != bool(args.attribute_scale or args.clip_model):
+        print("python -m dd evaluate: error: --prompts goes with --attribute-scale (digits prompt accuracy) or "
+              "--clip-model (CLIP score), and they with it", file=sys.stderr)
         return 2
     try:
         samples = load_sample_set(args.samples)
         # a bad --vs-samples file fails here, before any feature extraction
         vs_reference = load_sample_set(args.vs_samples) if args.vs_samples else None
+        if args.clip_model:  # a bad prompt file or labels outside it fail here too
+            from dd.evaluation.clip_score import sample_prompts
+
+            sample_prompts(samples, args.prompts, args.prompt_column)
         metrics = evaluate_sample_set(
             samples, args.reference,
             feature_extractor=args.feature_extractor, weights_path=args.weights,
@@ -408,7 +416,12 @@ def main(args: argparse.Namespace) -> int:
             prc_neighborhood=args.prc_neighborhood, cache_dir=args.cache_dir,
         )
         classifier = args.classifier or (args.weights if args.feature_extractor == DIGITS_EXTRACTOR else None)
-        if args.prompts:
+        if args.clip_model:
+            from dd.evaluation.clip_score import clip_scores
+
+            metrics.update(clip_scores(samples, args.prompts, args.prompt_column, args.clip_model, splits=args.splits,
+                                       batch_size=args.batch_size, device=args.device))
+        if args.attribute_scale:
             if classifier is None:
                 raise ValueError("--prompts needs the digits classifier (--classifier, or the digits feature network)")
             metrics.update(prompt_accuracies(samples, classifier, args.prompts, args.attribute_scale, args.device))

@@ -233,15 +233,20 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
         if prompts["source"] == "digits" and released.domain != "digits":
             problems.append((f"{k}.prompts.source", "digits captions go with the digits teachers; give prompt files "
                              "(source: files, train, eval)"))
-        if prompts["source"] == "files":
-            for split in ("train", "eval"):
-                if not prompts[split]:
-                    problems.append((f"{k}.prompts.{split}", "source: files needs this prompt file"))
-                elif not resolve_path(prompts[split], base_dir).is_file():
-                    problems.append((f"{k}.prompts.{split}", f"{prompts[split]}: prompt file not found"))
+        if prompts["source"] == "files":   # whether the files exist: the check_user_inputs job (user_files)
+            if not prompts["train"]:
+                problems.append((f"{k}.prompts.train", "source: files needs the prompt file of the pairs"))
+            if bool(prompts["eval"]) == bool(prompts["eval_download"]):
+                problems.append((f"{k}.prompts.eval", "source: files needs the prompt file of the sample sets: "
+                                 "eval (a file) or eval_download (a pinned download), one of them"))
+        elif prompts["train"] or prompts["eval"] or prompts["eval_download"]:
+            problems.append((f"{k}.prompts.source", "prompt files are read with source: files"))
         if (prompts["encoder"] == "flan-t5-xl") != (prompts["encoder_dir"] is not None):
             problems.append((f"{k}.prompts.encoder_dir", "flan-t5-xl is read from a local snapshot folder "
                              "(encoder_dir), and only flan-t5-xl"))
+        wanted = "tiny" if released.domain == "digits" else "flan-t5-xl"
+        if prompts["encoder"] != wanted:
+            problems.append((f"{k}.prompts.encoder", f"{tname} reads the caption features of {wanted}"))
         if sample["onestep"]:
             # onestep* needs the teacher's token marginals per prompt of the eval set: pairs on those prompts
             problems.append((f"{k}.sample.onestep", "onestep* is not available for text-to-image experiments: its "
@@ -314,19 +319,28 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
     if ev["reference"] == "digits":
         if released.domain != "digits":
             problems.append((f"{k}.evaluation.reference", f"digits is the reference of the digits teachers; {tname} "
-                             "generates ImageNet images: use fid_imagenet256"))
+                             f"generates {released.domain} images"))
         if ev["feature_extractor"] != "digits-classifier":
             problems.append((f"{k}.evaluation.feature_extractor", "the digits reference is measured with the "
                              "digits-classifier"))
     else:
         if released.domain == "digits":
             problems.append((f"{k}.evaluation.reference", f"{tname} generates digits: use reference digits"))
+        elif ev["reference"] == "fid_imagenet256" and released.domain != "imagenet":
+            problems.append((f"{k}.evaluation.reference", f"{tname} generates {released.domain} images, not "
+                             "ImageNet: use reference images (a folder of real images, reference_images)"))
         if ev["feature_extractor"] != "inception-v3-compat":
-            problems.append((f"{k}.evaluation.feature_extractor", "fid_imagenet256 holds Inception statistics: "
-                             "use inception-v3-compat"))
+            problems.append((f"{k}.evaluation.feature_extractor", f"{ev['reference']} is measured with Inception "
+                             "features: use inception-v3-compat"))
         if ev["feature_weights_url"] is None:
             problems.append((f"{k}.evaluation.feature_weights_url", "inception-v3-compat needs its weights: give "
                              "their pinned https URL (nothing is downloaded at run time)"))
+    if (ev["reference"] == "images") != (ev["reference_images"] is not None):
+        problems.append((f"{k}.evaluation.reference_images", "reference images needs the folder of real images "
+                         "(reference_images), and only it"))
+    if ev["clip_model"] and "prompts" not in exp:
+        problems.append((f"{k}.evaluation.clip_model", "CLIP score measures text-to-image samples against their "
+                         "prompts: only with a prompts section"))
     if sample["num"] % ev["splits"]:
         problems.append((f"{k}.sample.num", f"{sample['num']} samples do not split into evaluation.splits = "
                          f"{ev['splits']} equal parts; use a multiple of {ev['splits']}"))

@@ -116,8 +116,16 @@ def shipped_releases(lock_file: Path = SHIPPED_LOCK) -> list[ShippedRelease]:
 _FID_STATISTIC = Release("fid_imagenet256", "microsoft/distilled_decoding", "ImageNet-256_FID_Statistic/statistic.pth",
                          "ImageNet-256 reference statistic for FID, as used by the DD evaluation scripts",
                          '{"m": mean (2048,), "s": covariance (2048, 2048)} of Inception pool3 features')
-_RELEASES = [*(r for f in FAMILIES.values() for r in f.releases), _FID_STATISTIC, *shipped_releases()]
-REGISTRY: dict[str, Release] = {r.name: r for r in _RELEASES}
+# LlamaGen's text-to-image FID prompts (its evaluations/t2i, GigaGAN's protocol), at the commit the golden files were
+# recorded from; no checksum is published: the lock file records it at the first download
+_COCO_CAPTIONS = UrlRelease("coco_captions", "coco_captions.csv",
+                            "https://raw.githubusercontent.com/FoundationVision/LlamaGen/"
+                            "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec/evaluations/t2i/coco_captions.csv",
+                            description="30,000 COCO val2014 captions, one per image (column Prompt): LlamaGen's "
+                            "text-to-image FID prompts")
+_RELEASES = [*(r for f in FAMILIES.values() for r in f.releases), _FID_STATISTIC, _COCO_CAPTIONS,
+             *shipped_releases()]
+REGISTRY: dict[str, Release | UrlRelease] = {r.name: r for r in _RELEASES}
 assert len(REGISTRY) == len(_RELEASES), "duplicate release name"
 
 
@@ -472,7 +480,8 @@ def print_registry(file=None) -> None:
     for release in REGISTRY.values():
         pinned = release.sha256 or "not published (the lock file records it)"
         print(f"{release.name}: {release.description}\n  file:       {release.filename}\n  url:        {release.url}\n"
-              f"  revision:   {release.revision} (the lock file records the commit of the first download)\n"
+              f"  revision:   {getattr(release, 'revision', None) or 'fixed by the URL'}"
+              f"{' (the lock file records the commit of the first download)' if isinstance(release, Release) else ''}\n"
               f"  sha256:     {pinned}\n  state dict: {release.nesting}", file=file)
 
 

@@ -62,6 +62,12 @@ class Plan:
     captions: dict[str, str] = field(default_factory=dict)
     text_encoder: str | None = None
     attribute_scale: str | None = None
+    prompt_columns: dict[str, str] = field(default_factory=dict)   # each prompt file's column of prompts
+    clip_model: str | None = None            # evaluation.clip_model: CLIP score against the eval prompts
+    reference_images: str | None = None      # evaluation.reference images: the user's folder (reference = its stats)
+    # what the user gives (checked by the check_user_inputs job, not when the config is read): config key ->
+    # ("prompts", file, column) / ("images", folder, "") / ("encoder", folder, "")
+    user_files: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     downloads: dict[str, str] = field(default_factory=dict)  # file under resources/checkpoints (or resources/random
                                                              # with weights: random) -> registry name/URL
 
@@ -139,28 +145,42 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
                                    student_run, tables=(2,))
 
     ev = exp["evaluation"]
+    user_files: dict[str, tuple[str, str, str]] = {}
     if ev["reference"] == "digits":
         reference = f"{DIGITS_DIR}/reference_{image_size}.npz"
         weights = fetch(DIGITS_CLASSIFIER)     # the shipped feature network of the digits (releases/tiny/)
+    elif ev["reference"] == "images":          # FID statistics of the user's folder, computed once by a job
+        reference = f"results/{name}/reference/images_{image_size}.npz"
+        weights = fetch(ev["feature_weights_url"])
+        user_files[f"experiments.{name}.evaluation.reference_images"] = ("images", ev["reference_images"], "")
     else:
         reference = fetch(ev["reference"])
         weights = fetch(ev["feature_weights_url"])
     lpips_backbone = None
     if student_file is None and distill["emb_loss"] == "lpips" and distill["lpips_backbone_url"]:
         lpips_backbone = fetch(distill["lpips_backbone_url"])
-    prompt_files, captions, text_encoder, attribute_scale = {}, {}, None, None
+    prompt_files, captions, text_encoder, attribute_scale, prompt_columns = {}, {}, None, None, {}
     if "prompts" in exp:
         pr = exp["prompts"]
         if pr["source"] == "digits":
             prompt_files = {split: f"results/{name}/prompts/prompts_{split}.tsv" for split in ("train", "eval")}
             attribute_scale = f"results/{name}/prompts/attribute_scale.json"
         else:
-            prompt_files = {split: pr[split] for split in ("train", "eval")}
+            prompt_files = {"train": pr["train"], "eval": pr["eval"] or fetch(pr["eval_download"])}
+        prompt_columns = {"train": pr["column"], "eval": pr["eval_column"] or pr["column"]}
+        for split in ("train", "eval"):
+            if pr[split]:
+                user_files[f"experiments.{name}.prompts.{split}"] = ("prompts", pr[split], prompt_columns[split])
         captions = {split: f"results/{name}/captions/{split}.npz" for split in ("train", "eval")}
         if pr["encoder"] == "tiny":
             text_encoder = fetch(released.text_encoder)
+        else:
+            user_files[f"experiments.{name}.prompts.encoder_dir"] = ("encoder", pr["encoder_dir"], "")
     return Plan(name=name, family=family, teacher_name=tname, teacher_label=tname, steps=steps,
                 image_size=image_size, tokenizer=tokenizer, model=model, released=released.original_format,
                 student_file=student_file, shards=shards, runs=runs, sets=sets, reference=reference,
                 feature_weights=weights, lpips_backbone=lpips_backbone, downloads=downloads,
-                prompt_files=prompt_files, captions=captions, text_encoder=text_encoder, attribute_scale=attribute_scale)
+                prompt_files=prompt_files, captions=captions, text_encoder=text_encoder, attribute_scale=attribute_scale,
+                prompt_columns=prompt_columns, clip_model=ev["clip_model"],
+                reference_images=ev["reference_images"] if ev["reference"] == "images" else None,
+                user_files=user_files)

@@ -15,7 +15,8 @@ recall, teacher_nll_bits, seconds_per_image, speedup``, each metric followed by 
 (over the evaluation's parts: equal, independently sampled parts of the sample set, ``evaluation.splits``; empty
 with one part), then ``kid, fid_vs_teacher (+ _std), classifier_accuracy, params, batch_size, num, set``.
 Text-to-image tables add ``prompt_accuracy, prompt_accuracy_std`` after ``classifier_accuracy`` (the share of samples
-whose digit and measured attributes match their prompt; standard error over samples, ``dd evaluate --prompts``).
+whose digit and measured attributes match their prompt; standard error over samples, ``dd evaluate --prompts``),
+and ``clip_score, clip_score_std`` after those when the evaluation computes CLIP score (``evaluation.clip_model``).
 ``teacher_nll_bits`` is the teacher's mean negative log2-likelihood per token of the set's token sequences under
 its own sampling distribution (``dd.method.sample.teacher_nll_bits``; empty for skip-n, whose images lack tokens). ``method`` is ``teacher``, ``skip-<n>``, ``onestep*``, ``dd`` (``steps`` says 1 or 2) or
 ``dd-teacher-<n>-<m>`` (the paper's pre-trained-n-m); ``speedup`` = the teacher's seconds per image / the row's.
@@ -37,7 +38,8 @@ from dd.io import atomic_write_bytes, atomic_write_text
 COLUMNS = ["teacher", "method", "steps", "fid", "fid_std", "is", "is_std", "precision", "precision_std", "recall",
            "recall_std", "teacher_nll_bits", "teacher_nll_bits_std", "seconds_per_image", "speedup",
            "kid", "fid_vs_teacher", "fid_vs_teacher_std", "classifier_accuracy", "params", "batch_size", "num", "set"]
-PROMPT_COLUMNS = ["prompt_accuracy", "prompt_accuracy_std"]    # text-to-image tables only
+PROMPT_COLUMNS = ["prompt_accuracy", "prompt_accuracy_std"]    # text-to-image tables only: the digits
+CLIP_COLUMNS = ["clip_score", "clip_score_std"]                 # text-to-image tables with evaluation.clip_model
 FID_KEYS = ("eval/fid_1step", "eval/fid_2step")
 
 
@@ -93,6 +95,7 @@ def collect_rows(result_dir: str | Path, sets: list[str], teacher: str) -> pd.Da
             "classifier_accuracy": metrics.get("classifier_accuracy"), "params": info.get("params"),
             "batch_size": info.get("batch_size"), "num": info.get("num", metrics.get("num_samples")), "set": name,
             "prompt_accuracy": metrics.get("prompt_accuracy"), "prompt_accuracy_std": metrics.get("prompt_accuracy_std"),
+            "clip_score": metrics.get("clip_score"), "clip_score_std": metrics.get("clip_score_std"),
         })
     teacher_rows = [r for r in rows if r["method"] == "teacher"]
     base = teacher_rows[0]["seconds_per_image"] if teacher_rows else None
@@ -102,9 +105,10 @@ def collect_rows(result_dir: str | Path, sets: list[str], teacher: str) -> pd.Da
     rows.sort(key=_sort_key)
     # text-to-image sets (evaluated against their prompts) add prompt_accuracy after classifier_accuracy
     columns = list(COLUMNS)
-    if any(r["prompt_accuracy"] is not None for r in rows):
-        at = columns.index("classifier_accuracy") + 1
-        columns[at:at] = PROMPT_COLUMNS
+    at = columns.index("classifier_accuracy") + 1
+    for key, extra in (("clip_score", CLIP_COLUMNS), ("prompt_accuracy", PROMPT_COLUMNS)):
+        if any(r[key] is not None for r in rows):
+            columns[at:at] = extra
     return pd.DataFrame(rows, columns=columns)
 
 

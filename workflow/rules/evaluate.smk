@@ -10,8 +10,13 @@ def evaluation_options(wildcards):
     opts = (f"--feature-extractor {ev['feature_extractor']} --device {device} --splits {ev['splits']}"
             f" --batch-size {ev['batch_size']}"
             f" --isc-splits {ev['isc_splits']} --kid-subsets {ev['kid_subsets']}")
-    if p.attribute_scale:   # text-to-image digits: prompt_accuracy against the eval prompts
-        opts += f" --prompts {shlex.quote(p.prompt_files['eval'])} --attribute-scale {p.attribute_scale}"
+    if p.attribute_scale or p.clip_model:   # text-to-image: against the eval prompts
+        opts += (f" --prompts {shlex.quote(p.prompt_files['eval'])}"
+                 f" --prompt-column {shlex.quote(p.prompt_columns['eval'])}")
+    if p.attribute_scale:   # the digits: prompt_accuracy
+        opts += f" --attribute-scale {p.attribute_scale}"
+    if p.clip_model:
+        opts += f" --clip-model {shlex.quote(p.clip_model)}"
     return opts
 
 
@@ -22,6 +27,8 @@ def evaluate_inputs(wildcards):
         inputs["teacher"] = f"results/{wildcards.experiment}/samples/teacher.npz"
     if P(wildcards).attribute_scale:   # text-to-image digits: prompt_accuracy against the eval prompts
         inputs.update(prompts=P(wildcards).prompt_files["eval"], attribute_scale=P(wildcards).attribute_scale)
+    if P(wildcards).clip_model:
+        inputs["prompts"] = P(wildcards).prompt_files["eval"]
     return inputs
 
 
@@ -51,6 +58,34 @@ rule evaluate:
     shell:
         "{PY} evaluate --samples {input.samples} --reference {input.reference} --weights {input.weights}"
         " {params.options} {params.vs_teacher} --out {output} > {log} 2>&1"
+
+
+rule image_statistics:
+    """evaluation.reference images: FID statistics of the user's folder of real images at the samples' size, once
+    (the reference of every evaluate job)."""
+    input:
+        checked=user_input_check,
+        weights=lambda wc: P(wc).feature_weights,
+    output:
+        "results/{experiment}/reference/images_{size}.npz",
+    params:
+        folder=lambda wc: shlex.quote(P(wc).reference_images),
+        options=lambda wc: (f"--feature-extractor {exp_config(wc)['evaluation']['feature_extractor']} --device {DEVICE}"
+                            f" --batch-size {exp_config(wc)['evaluation']['batch_size']}"
+                            + (f" --limit {exp_config(wc)['evaluation']['reference_limit']}"
+                               if exp_config(wc)['evaluation']['reference_limit'] else "")),
+    log:
+        "results/{experiment}/logs/reference/images_{size}.log",
+    benchmark:
+        "results/{experiment}/benchmarks/reference/images_{size}.tsv"
+    threads: stage_threads("evaluate")
+    resources:
+        gpu=stage_resource("evaluate", "gpu"),
+        mem_mb=stage_resource("evaluate", "mem_mb"),
+        runtime=stage_resource("evaluate", "runtime"),
+    shell:
+        "{PY} image-statistics --images {params.folder} --size {wildcards.size} --weights {input.weights}"
+        " {params.options} --out {output} > {log} 2>&1"
 
 
 def vs_teacher_sets(wildcards):

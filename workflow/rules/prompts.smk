@@ -24,15 +24,21 @@ rule digit_prompts:
 
 def caption_inputs(wildcards):
     p = P(wildcards)
-    inputs = {"prompts": p.prompt_files[wildcards.prompt_set]}
+    prompts = p.prompt_files[wildcards.prompt_set]
+    # a user's file is an input once it exists (the check job refuses the run before then); others are made by rules
+    user = {path for _, path, _ in p.user_files.values()}
+    inputs = {"checked": user_input_check(wildcards)}
+    if prompts not in user or Path(prompts).is_file():
+        inputs["prompts"] = prompts
     if p.text_encoder:
         inputs["encoder"] = p.text_encoder
     return inputs
 
 
 def caption_options(wildcards, input):
-    pr = exp_config(wildcards)["prompts"]
-    opts = [f"--column {shlex.quote(pr['column'])}", f"--encoder {pr['encoder']}", f"--device {DEVICE}"]
+    pr, p = exp_config(wildcards)["prompts"], P(wildcards)
+    opts = [f"--column {shlex.quote(p.prompt_columns[wildcards.prompt_set])}", f"--encoder {pr['encoder']}",
+            f"--device {DEVICE}"]
     if "encoder" in input.keys():
         opts.append(f"--encoder-weights {input.encoder}")
     if pr["encoder_dir"]:
@@ -46,14 +52,16 @@ rule caption_features:
     output:
         "results/{experiment}/captions/{prompt_set}.npz",
     params:
+        prompts=lambda wc: P(wc).prompt_files[wc.prompt_set],
         options=caption_options,
     log:
         "results/{experiment}/logs/prompts/caption_features_{prompt_set}.log",
     benchmark:
         "results/{experiment}/benchmarks/prompts/caption_features_{prompt_set}.tsv"
-    threads: 1
+    threads: stage_threads("captions")
     resources:
-        mem_mb=4000,
-        runtime=60,
+        gpu=stage_resource("captions", "gpu"),
+        mem_mb=stage_resource("captions", "mem_mb"),
+        runtime=stage_resource("captions", "runtime"),
     shell:
-        "{PY} caption-features --prompts {input.prompts:q} {params.options} --out {output} > {log} 2>&1"
+        "{PY} caption-features --prompts {params.prompts:q} {params.options} --out {output} > {log} 2>&1"

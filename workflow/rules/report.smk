@@ -66,7 +66,7 @@ rule prompt_grid:
                category="Figures", subcategory="{experiment}"),
     params:
         sets=lambda wc: " ".join(f"{n}={f}" for n, f in prompt_grid_sets(wc).items()),
-        column=lambda wc: shlex.quote(exp_config(wc)["prompts"]["column"]),
+        column=lambda wc: shlex.quote(P(wc).prompt_columns["eval"]),
     log:
         "results/{experiment}/logs/report/prompt_grid.log",
     threads: 1

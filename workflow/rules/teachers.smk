@@ -23,7 +23,10 @@ rule digits_reference:
 
 
 rule download:
-    """A released file (registry name or pinned URL) into resources/checkpoints/, verified against its SHA-256."""
+    """A released file (registry name or pinned URL) into resources/checkpoints/, verified against its SHA-256; after
+    the check of the user's files, when an experiment has any (multi-GB downloads wait for it)."""
+    input:
+        all_user_input_checks,
     output:
         "resources/checkpoints/{filename}",
     params:

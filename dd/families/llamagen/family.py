@@ -4,13 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from dd.families.base import Family, Release, ReleasedStudent, ReleasedTeacher
-from dd.families.llamagen.gpt import GPT, GPTConfig, gpt_preset
+from dd.families.llamagen.gpt import GPT, T2I_XL, GPTConfig, gpt_preset
 from dd.families.llamagen.student import DDConfig, DDStudent
 from dd.families.llamagen.teacher import LlamaGenT2ITeacher, LlamaGenTeacher
 from dd.families.llamagen.tokenizer import VQConfig, VQModel, vq_16
 from dd.io import ArtefactError
 
 _LLAMAGEN, _DD = "FoundationVision/LlamaGen", "microsoft/distilled_decoding"
+_LLAMAGEN_T2I = "peizesun/llamagen_t2i"  # where LlamaGen's README links its text-to-image checkpoints
 _GPT_NESTING = 'ckpt["model"] (original falls back to "module", then "state_dict"); loaded non-strictly'
 
 
@@ -20,6 +21,9 @@ class LlamaGenFamily(Family):
     tokenizer_config, ar_config, student_config = VQConfig, GPTConfig, DDConfig
     released_teachers = {
         **{f"llamagen_{s}": ReleasedTeacher(256, "llamagen_vq16", f"llamagen_{s}") for s in "bl"},
+        # text-to-image (stage 1, 256 px): the caption features are FLAN-T5-XL's, from a local snapshot (prompts.encoder_dir)
+        "llamagen_t2i_xl": ReleasedTeacher(256, "llamagen_t2i_vq16", "llamagen_t2i_xl", domain="coco",
+                                           text_encoder="flan-t5-xl"),
         # the embedded default's teacher, shipped in releases/tiny/ (trained by `snakemake tiny_teachers`)
         "tiny_llamagen": ReleasedTeacher(64, "tiny_llamagen_tokenizer", "tiny_llamagen_ar", image_size=16,
                                          domain="digits", original_format=False),
@@ -37,6 +41,12 @@ class LlamaGenFamily(Family):
         Release("llamagen_b", _LLAMAGEN, "c2i_B_256.pt", "LlamaGen GPT-B class-conditional teacher, ImageNet 256",
                 _GPT_NESTING),
         Release("llamagen_l", _LLAMAGEN, "c2i_L_256.pt", "LlamaGen GPT-L class-conditional teacher, ImageNet 256",
+                _GPT_NESTING),
+        Release("llamagen_t2i_vq16", _LLAMAGEN_T2I, "vq_ds16_t2i.pt",
+                "LlamaGen VQ tokenizer of the text-to-image models (same class and shapes as vq_ds16_c2i.pt)",
+                'ckpt["model"]; strict load'),
+        Release("llamagen_t2i_xl", _LLAMAGEN_T2I, "t2i_XL_stage1_256.pt",
+                "LlamaGen GPT-XL text-to-image teacher, stage 1, 256 px (FLAN-T5-XL captions, 120 positions)",
                 _GPT_NESTING),
         *(Release(f"dd_llamagen_{size.lower()}", _DD, f"LlamaGen-DD/llamagen-{size}.pt",
                   f"DD student distilled from LlamaGen GPT-{size}",
@@ -99,8 +109,12 @@ class LlamaGenFamily(Family):
     def random_release(self, name: str) -> dict | None:
         if name == "llamagen_vq16":
             return {"model": VQModel(vq_16()).state_dict()}
+        if name == "llamagen_t2i_vq16":
+            return {"model": VQModel(vq_16()).state_dict()}
         if name in ("llamagen_b", "llamagen_l"):
             return {"model": GPT(gpt_preset(name[-1].upper())).state_dict()}
+        if name == "llamagen_t2i_xl":
+            return {"model": GPT(gpt_preset("XL", **T2I_XL)).state_dict()}
         if name in ("dd_llamagen_b", "dd_llamagen_l"):
             gpt = gpt_preset(name[-1].upper())
             return {"ema": DDStudent(DDConfig.from_gpt(gpt, vq_16().codebook_dim)).state_dict()}

@@ -105,6 +105,9 @@ class GPTConfig:
 GPT_PRESETS = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536),
                "XXXL": (48, 40, 2560), "1B": (22, 32, 2048), "3B": (24, 32, 3200), "7B": (32, 32, 4096)}
 
+# the released text-to-image model (t2i_XL_stage1_256.pt): GPT-XL with FLAN-T5-XL's 120 caption positions
+T2I_XL = {"model_type": "t2i", "caption_dim": 2048, "cls_token_num": 120}
+
 
 def gpt_preset(name: str, **overrides) -> GPTConfig:
     n_layer, n_head, dim = GPT_PRESETS[name]
