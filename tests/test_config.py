@@ -205,13 +205,18 @@ def test_text_to_image_config_plans_prompt_sets_and_caption_jobs():
                                  "eval": "results/tiny_t2i/prompts/prompts_eval.tsv"}
     assert set(plan.captions) == {"train", "eval"} and plan.attribute_scale.endswith("attribute_scale.json")
     assert plan.text_encoder.endswith("tiny_t5_encoder.safetensors") and plan.text_encoder in plan.downloads
-    assert "onestep" not in plan.sets and {"teacher", "dd-1step", "dd-2step"} <= set(plan.sets)
+    assert {"teacher", "onestep", "dd-1step", "dd-2step"} <= set(plan.sets)
+    # onestep*'s own pair set on the evaluation prompts
+    assert plan.onestep_pair_set == "onestep_pairs" and len(plan.onestep_shards) == 5
+    assert plan.pair_shards("pairs") == plan.shards and not set(plan.shards) & set(plan.onestep_shards)
 
 
 @pytest.mark.parametrize("change,key,words", [
     (lambda c: c["experiments"]["tiny_t2i"].pop("prompts"), "experiments.tiny_t2i.prompts", "give its prompt sets"),
-    (lambda c: c["experiments"]["tiny_t2i"]["sample"].update(onestep=True), "experiments.tiny_t2i.sample.onestep",
-     "not available for text-to-image"),
+    (lambda c: c["experiments"]["tiny_t2i"]["sample"].update(onestep_pairs=None),
+     "experiments.tiny_t2i.sample.onestep_pairs", "its own pair set on the evaluation prompts"),
+    (lambda c: c["experiments"]["tiny_t2i"]["sample"].update(onestep_pairs=1000),
+     "experiments.tiny_t2i.sample.onestep_pairs", "not a multiple of pairs.shard_size 1500"),
     (lambda c: c["experiments"]["tiny_t2i"]["prompts"].update(source="files", train="nowhere.tsv"),
      "experiments.tiny_t2i.prompts.eval", "eval (a file) or eval_download (a pinned download), one of them"),
     (lambda c: c["experiments"]["tiny_t2i"]["prompts"].update(train="nowhere.tsv"),
@@ -234,5 +239,7 @@ def test_text_to_image_config_problems_name_the_key(change, key, words):
 def test_prompts_are_refused_for_a_class_conditional_teacher():
     config = copy.deepcopy(DEFAULT)
     config["experiments"]["tiny_llamagen"]["prompts"] = {"source": "digits"}
+    config["experiments"]["tiny_var"]["sample"]["onestep_pairs"] = 3000
     msg = problems_of(config)
     assert "experiments.tiny_llamagen.prompts" in msg and "text-to-image teachers only" in msg
+    assert "experiments.tiny_var.sample.onestep_pairs" in msg and "only text-to-image onestep*" in msg

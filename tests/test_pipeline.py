@@ -8,6 +8,7 @@ starts from the same shipped teachers in B, so this also shows the default is bi
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -170,7 +171,7 @@ def test_text_to_image_pipeline_small(tmp_path):
     exp = config["experiments"]["tiny_t2i"]
     exp["pairs"].update(num_pairs=32, shard_size=16, chunk=8)
     exp["distill"].update(batch_size=8, max_steps=6, checkpoint_every=3)
-    exp["sample"].update(num=24, batch_size=12, skip=[8])
+    exp["sample"].update(num=24, batch_size=12, skip=[8], onestep_pairs=32)
     exp["evaluation"].update(batch_size=12, splits=2)
     config["mlflow"]["enabled"] = False
     configfile = tmp_path / "t2i.yaml"
@@ -183,7 +184,10 @@ def test_text_to_image_pipeline_small(tmp_path):
     columns = TABLE_COLUMNS[:at] + ["prompt_accuracy", "prompt_accuracy_std"] + TABLE_COLUMNS[at:]
     t1 = pd.read_csv(results / "tables" / "table1.csv")
     assert list(t1.columns) == columns
-    assert set(t1["method"]) == {"teacher", "skip-8", "dd"}
+    assert set(t1["method"]) == {"teacher", "skip-8", "onestep*", "dd"}
+    # onestep*'s pair set is on the evaluation prompts: its labels are rows of the 258 eval prompts
+    index = json.loads((results / "onestep_pairs" / "index.json").read_text())
+    assert index["num_pairs"] == 32 and index["config"]["num_classes"] == 258, index
     assert t1["prompt_accuracy"].between(0, 1).all() and t1["prompt_accuracy_std"].notna().all()
     assert list(pd.read_csv(results / "tables" / "table2.csv")["method"]) == ["teacher", "dd-teacher-11-21"]
     for split, rows in (("train", 1064), ("eval", 258)):

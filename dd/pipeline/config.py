@@ -247,10 +247,16 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
         wanted = "tiny" if released.domain == "digits" else "flan-t5-xl"
         if prompts["encoder"] != wanted:
             problems.append((f"{k}.prompts.encoder", f"{tname} reads the caption features of {wanted}"))
-        if sample["onestep"]:
+        if sample["onestep"] and not sample["onestep_pairs"]:
             # onestep* needs the teacher's token marginals per prompt of the eval set: pairs on those prompts
-            problems.append((f"{k}.sample.onestep", "onestep* is not available for text-to-image experiments: its "
-                             "per-prompt marginals would come from the train prompts' pairs, not the eval prompts"))
+            problems.append((f"{k}.sample.onestep_pairs", "text-to-image onestep* needs its own pair set on the "
+                             "evaluation prompts (its per-prompt marginals): give its size"))
+        elif sample["onestep_pairs"] and "pairs" in exp and sample["onestep_pairs"] % exp["pairs"]["shard_size"]:
+            problems.append((f"{k}.sample.onestep_pairs", f"{sample['onestep_pairs']} is not a multiple of "
+                             f"pairs.shard_size {exp['pairs']['shard_size']}"))
+    if sample["onestep_pairs"] and not (text_to_image and sample["onestep"]):
+        problems.append((f"{k}.sample.onestep_pairs", "only text-to-image onestep* has its own pair set (the "
+                         "class-conditional onestep* reads the main pairs)"))
     released_student = teacher.get("released_student")
     for section in ("pairs", "distill"):
         needed = released_student is None or (section == "pairs" and sample["onestep"])

@@ -68,6 +68,16 @@ class Plan:
     # what the user gives (checked by the check_user_inputs job, not when the config is read): config key ->
     # ("prompts", file, column) / ("images", folder, "") / ("encoder", folder, "")
     user_files: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    # text-to-image onestep*: its own pair set on the evaluation prompts (results/<name>/onestep_pairs/)
+    onestep_shards: list[str] = field(default_factory=list)
+
+    def pair_shards(self, pair_set: str) -> list[str]:
+        """The shards of a pair set: "pairs" (distillation; class-conditional onestep*) or "onestep_pairs"."""
+        return self.onestep_shards if pair_set == "onestep_pairs" else self.shards
+
+    @property
+    def onestep_pair_set(self) -> str:
+        return "onestep_pairs" if self.onestep_shards else "pairs"
     downloads: dict[str, str] = field(default_factory=dict)  # file under resources/checkpoints (or resources/random
                                                              # with weights: random) -> registry name/URL
 
@@ -129,8 +139,12 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
         sets["teacher"] = SampleSet("teacher", "teacher", [], tables=(1, 2))
     for n in sorted(sample["skip"]):
         sets[f"skip-{n}"] = SampleSet(f"skip-{n}", "skip", ["--skip", str(n)])
+    onestep_shards: list[str] = []
     if sample["onestep"]:
         sets["onestep"] = SampleSet("onestep", "onestep", [], needs_pairs=True)
+        if sample["onestep_pairs"]:   # text-to-image: pairs on the evaluation prompts
+            onestep_shards = [f"results/{name}/onestep_pairs/shard_{i:05d}.bin"
+                              for i in range(sample["onestep_pairs"] // exp["pairs"]["shard_size"])]
     student_run = None if student_file else "main"
     if student_file:  # a released student splits where its release's sampling script does
         split = ["--released-student", "--split-step",
@@ -183,4 +197,4 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
                 prompt_files=prompt_files, captions=captions, text_encoder=text_encoder, attribute_scale=attribute_scale,
                 prompt_columns=prompt_columns, clip_model=ev["clip_model"],
                 reference_images=ev["reference_images"] if ev["reference"] == "images" else None,
-                user_files=user_files)
+                user_files=user_files, onestep_shards=onestep_shards)

@@ -44,6 +44,7 @@ wildcard_constraints:
     filename=_alternatives(Path(f).name for f in DOWNLOADS),
     family=_alternatives(config["tiny_teachers"]["configs"]),
     prompt_set="train|eval",
+    pair_set="pairs|onestep_pairs",
 
 
 def P(wildcards):

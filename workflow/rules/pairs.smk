@@ -6,27 +6,33 @@ localrules: track_shards
 
 
 def shard_paths(wildcards):
-    return P(wildcards).shards
+    return P(wildcards).pair_shards(wildcards.pair_set)
+
+
+def pair_prompts(wildcards):
+    """Text-to-image: the main pairs are on the train prompts, onestep*'s pairs on the evaluation prompts."""
+    return "eval" if wildcards.pair_set == "onestep_pairs" else "train"
 
 
 rule generate_pairs:
     input:
-        unpack(teacher_inputs),
+        unpack(lambda wc: teacher_inputs(wc, pair_prompts(wc))),
     output:
-        bin="results/{experiment}/pairs/shard_{shard}.bin",
-        manifest="results/{experiment}/pairs/shard_{shard}.json",
+        bin="results/{experiment}/{pair_set}/shard_{shard}.bin",
+        manifest="results/{experiment}/{pair_set}/shard_{shard}.json",
     params:
-        teacher=lambda wc, threads: teacher_args(wc, threads),
+        teacher=lambda wc, threads: teacher_args(wc, threads, pair_prompts(wc)),
         shard_index=lambda wc: int(wc.shard),
         shard_size=lambda wc: exp_config(wc)["pairs"]["shard_size"],
-        seed=lambda wc: exp_config(wc)["pairs"]["seed"],
+        # onestep*'s pair set: other noise than the main pairs'
+        seed=lambda wc: exp_config(wc)["pairs"]["seed"] + (wc.pair_set == "onestep_pairs"),
         chunk=lambda wc: exp_config(wc)["pairs"]["chunk"],
         solver=lambda wc: f"--nfe {exp_config(wc)['pairs']['nfe']} --order {exp_config(wc)['pairs']['order']}",
         sampling=lambda wc: sampling_args(exp_config(wc)["pairs"]),
     log:
-        "results/{experiment}/logs/pairs/shard_{shard}.log",
+        "results/{experiment}/logs/{pair_set}/shard_{shard}.log",
     benchmark:
-        "results/{experiment}/benchmarks/pairs/shard_{shard}.tsv"
+        "results/{experiment}/benchmarks/{pair_set}/shard_{shard}.tsv"
     threads: stage_threads("pairs")
     resources:
         gpu=stage_resource("pairs", "gpu"),
@@ -43,11 +49,11 @@ rule shard_index:
     input:
         shard_paths,
     output:
-        "results/{experiment}/pairs/index.json",
+        "results/{experiment}/{pair_set}/index.json",
     log:
-        "results/{experiment}/logs/pairs/index.log",
+        "results/{experiment}/logs/{pair_set}/index.log",
     benchmark:
-        "results/{experiment}/benchmarks/pairs/index.tsv"
+        "results/{experiment}/benchmarks/{pair_set}/index.tsv"
     threads: 1
     resources:
         mem_mb=1000,

@@ -19,7 +19,8 @@ def sample_inputs(wildcards):
     elif s.method in ("dd", "dd-teacher"):
         inputs["student"] = p.student_file
     if s.needs_pairs:
-        inputs.update(index=p.out("pairs", "index.json"), shards=p.shards)
+        pair_set = p.onestep_pair_set   # text-to-image: the pair set on the evaluation prompts
+        inputs.update(index=p.out(pair_set, "index.json"), shards=p.pair_shards(pair_set))
     return inputs
 
 
