@@ -15,7 +15,8 @@ PAPER = ["var_d16", "var_d20", "var_d24", "llamagen_b", "llamagen_l", "released_
 
 def workflow_rules() -> set[str]:
     text = "\n".join(p.read_text() for p in [REPO / "Snakefile", *sorted((REPO / "workflow/rules").glob("*.smk"))])
-    return set(re.findall(r"^(?:local)?rule\s+(\w+)\s*:", text, flags=re.M))
+    return (set(re.findall(r"^(?:local)?rule\s+(\w+)\s*:", text, flags=re.M))
+            | set(re.findall(r"^use rule\s+\w+\s+as\s+(\w+)", text, flags=re.M)))
 
 
 @pytest.mark.parametrize("profile", PROFILES)

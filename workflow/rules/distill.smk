@@ -54,6 +54,7 @@ def distill_launcher(wildcards, resources):
 
 
 rule distill:
+    priority: 10   # the longest job and most of the run's critical path: first when its inputs are ready
     input:
         unpack(distill_inputs),
     output:

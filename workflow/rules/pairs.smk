@@ -15,6 +15,9 @@ def pair_prompts(wildcards):
 
 
 rule generate_pairs:
+    wildcard_constraints:
+        pair_set="pairs",
+    priority: 10   # the distillation waits for these shards: before onestep*'s pairs and the sample sets
     input:
         unpack(lambda wc: teacher_inputs(wc, pair_prompts(wc))),
     output:
@@ -44,8 +47,15 @@ rule generate_pairs:
         " --no-progress > {log} 2>&1"
 
 
+use rule generate_pairs as generate_onestep_pairs with:
+    wildcard_constraints:
+        pair_set="onestep_pairs",
+    priority: 0
+
+
 rule shard_index:
     """Merge step: check that all shards belong to one pair set (teacher, settings, sizes, checksums)."""
+    priority: 10
     input:
         shard_paths,
     output:
