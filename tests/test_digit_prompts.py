@@ -150,7 +150,7 @@ def test_evaluate_reports_prompt_accuracy_of_samples_against_their_prompt_rows(t
                                                                      + shifted["prompt_accuracy_std"])
     bad = ["evaluate", "--samples", str(tmp_path / "own.npz"), "--weights", str(weights), "--no-fid",
            "--prompts", str(tmp_path / "prompts_eval.tsv")]
-    assert main(bad) == 2 and "--attribute-scale go together" in capsys.readouterr().err
+    assert main(bad) == 2 and "--prompts goes with --attribute-scale" in capsys.readouterr().err
 
 
 def test_prompt_grid_puts_each_sets_samples_beside_their_prompts(tmp_path, capsys):
