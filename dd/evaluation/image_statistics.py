@@ -80,27 +80,20 @@ class ImageFolder(Dataset):
 def folder_statistics(folder, size: int, feature_extractor: str, weights_path=None, *, device: str | None = None,
                       batch_size: int = 200, limit: int | None = None) -> dict:
     """{"mu", "sigma", "num_images"} of the folder's images at ``size`` under the feature network's FID layer."""
-    from torch_fidelity.metric_fid import extract_featuresdict_from_input_id_cached, fid_featuresdict_to_statistics
-    from torch_fidelity.utils import (
-        create_feature_extractor,
-        resolve_feature_extractor,
-        resolve_feature_layer_for_metric,
-    )
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
 
-    from dd.evaluation.metrics import register_digits_feature_extractor
+    from dd.evaluation.metrics import _split_features, register_digits_feature_extractor
 
     files = image_files(folder, limit)
     check_images(files)
     register_digits_feature_extractor()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = dict(input1=ImageFolder(files, size), fid=True, feature_extractor=feature_extractor,
-                  feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-                  cuda=device == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False, cache=False,
-                  datasets_download=False)
-    layer = resolve_feature_layer_for_metric("fid", **kwargs)
-    extractor = create_feature_extractor(resolve_feature_extractor(**kwargs), [layer], **kwargs)
-    features = extract_featuresdict_from_input_id_cached(1, extractor, **kwargs)
-    stats = fid_featuresdict_to_statistics(features, layer)
+    # the evaluation's feature extraction (torch-fidelity's extractor and FID layer), one part: the whole folder
+    features, _, layers = next(_split_features(
+        1, input1=ImageFolder(files, size), fid=True, feature_extractor=feature_extractor,
+        feature_extractor_weights_path=None if weights_path is None else str(weights_path), cuda=device == "cuda",
+        batch_size=batch_size, save_cpu_ram=True, verbose=False, cache=False, datasets_download=False))
+    stats = fid_featuresdict_to_statistics(features, layers["fid"])
     return {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64),
             "num_images": len(files)}
 

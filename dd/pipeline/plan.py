@@ -64,12 +64,16 @@ class Plan:
     attribute_scale: str | None = None
     prompt_columns: dict[str, str] = field(default_factory=dict)   # each prompt file's column of prompts
     clip_model: str | None = None            # evaluation.clip_model: CLIP score against the eval prompts
-    reference_images: str | None = None      # evaluation.reference images: the user's folder (reference = its stats)
     # what the user gives (checked by the check_user_inputs job, not when the config is read): config key ->
     # ("prompts", file, column) / ("images", folder, "") / ("encoder", folder, "")
     user_files: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     # text-to-image onestep*: its own pair set on the evaluation prompts (results/<name>/onestep_pairs/)
     onestep_shards: list[str] = field(default_factory=list)
+    downloads: dict[str, str] = field(default_factory=dict)  # file under resources/checkpoints (or resources/random
+                                                             # with weights: random) -> registry name/URL
+
+    def out(self, *parts: str) -> str:
+        return "/".join(("results", self.name) + parts)
 
     def pair_shards(self, pair_set: str) -> list[str]:
         """The shards of a pair set: "pairs" (distillation; class-conditional onestep*) or "onestep_pairs"."""
@@ -78,11 +82,6 @@ class Plan:
     @property
     def onestep_pair_set(self) -> str:
         return "onestep_pairs" if self.onestep_shards else "pairs"
-    downloads: dict[str, str] = field(default_factory=dict)  # file under resources/checkpoints (or resources/random
-                                                             # with weights: random) -> registry name/URL
-
-    def out(self, *parts: str) -> str:
-        return "/".join(("results", self.name) + parts)
 
 
 RANDOM_WEIGHTS = "resources/random"  # stand-ins with random weights (teacher.weights: random)
@@ -195,6 +194,5 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
                 student_file=student_file, shards=shards, runs=runs, sets=sets, reference=reference,
                 feature_weights=weights, lpips_backbone=lpips_backbone, downloads=downloads,
                 prompt_files=prompt_files, captions=captions, text_encoder=text_encoder, attribute_scale=attribute_scale,
-                prompt_columns=prompt_columns, clip_model=ev["clip_model"],
-                reference_images=ev["reference_images"] if ev["reference"] == "images" else None,
-                user_files=user_files, onestep_shards=onestep_shards)
+                prompt_columns=prompt_columns, clip_model=ev["clip_model"], user_files=user_files,
+                onestep_shards=onestep_shards)

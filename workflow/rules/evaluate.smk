@@ -60,6 +60,13 @@ rule evaluate:
         " {params.options} {params.vs_teacher} --out {output} > {log} 2>&1"
 
 
+def image_statistics_options(wildcards):
+    ev = exp_config(wildcards)["evaluation"]
+    opts = (f"--images {shlex.quote(ev['reference_images'])} --feature-extractor {ev['feature_extractor']}"
+            f" --device {DEVICE} --batch-size {ev['batch_size']}")
+    return opts + (f" --limit {ev['reference_limit']}" if ev["reference_limit"] else "")
+
+
 rule image_statistics:
     """evaluation.reference images: FID statistics of the user's folder of real images at the samples' size, once
     (the reference of every evaluate job)."""
@@ -69,11 +76,7 @@ rule image_statistics:
     output:
         "results/{experiment}/reference/images_{size}.npz",
     params:
-        folder=lambda wc: shlex.quote(P(wc).reference_images),
-        options=lambda wc: (f"--feature-extractor {exp_config(wc)['evaluation']['feature_extractor']} --device {DEVICE}"
-                            f" --batch-size {exp_config(wc)['evaluation']['batch_size']}"
-                            + (f" --limit {exp_config(wc)['evaluation']['reference_limit']}"
-                               if exp_config(wc)['evaluation']['reference_limit'] else "")),
+        options=image_statistics_options,
     log:
         "results/{experiment}/logs/reference/images_{size}.log",
     benchmark:
@@ -84,7 +87,7 @@ rule image_statistics:
         mem_mb=stage_resource("evaluate", "mem_mb"),
         runtime=stage_resource("evaluate", "runtime"),
     shell:
-        "{PY} image-statistics --images {params.folder} --size {wildcards.size} --weights {input.weights}"
+        "{PY} image-statistics --size {wildcards.size} --weights {input.weights}"
         " {params.options} --out {output} > {log} 2>&1"
 
 

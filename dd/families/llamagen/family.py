@@ -107,9 +107,7 @@ class LlamaGenFamily(Family):
         return teacher.gpt.config.text_conditional and not isinstance(teacher, LlamaGenT2ITeacher)
 
     def random_release(self, name: str) -> dict | None:
-        if name == "llamagen_vq16":
-            return {"model": VQModel(vq_16()).state_dict()}
-        if name == "llamagen_t2i_vq16":
+        if name in ("llamagen_vq16", "llamagen_t2i_vq16"):   # one class and configuration, other weights
             return {"model": VQModel(vq_16()).state_dict()}
         if name in ("llamagen_b", "llamagen_l"):
             return {"model": GPT(gpt_preset(name[-1].upper())).state_dict()}
