@@ -333,7 +333,7 @@ def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: Pai
         atomic_torch_save(ck, ckpt_path)
 
     local = cfg.batch_size // dist_state.world
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp and device.type == "cuda" or cfg.cpu_amp and device.type == "cpu"
     bar = tqdm(total=total, initial=step, desc="distill", disable=not (progress and dist_state.main))
     while step < total:
         t0 = time.perf_counter()
@@ -386,6 +386,15 @@ def ema_model(student: nn.Module, ema: EMA) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # CLI: python -m dd distill
 # --------------------------------------------------------------------------------------------------
+def cpu_lacks_bf16() -> bool:
+    """True where /proc/cpuinfo lists the CPU's flags without a bf16 matrix instruction set (False where unknown)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "flags" in flags and not any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
 def json_object(text: str) -> dict:
     """``--student-config``: a JSON object (field -> value), refused at parsing, before any model is loaded."""
     import argparse
@@ -440,6 +449,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--student-config", type=json_object, default={}, metavar="JSON",
                         help='student config fields to override, e.g. \'{"within_scale_attention": true}\' (VAR)')
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--cpu-amp", action="store_true",
+                        help="bf16 autocast on the CPU too (faster where the CPU has bf16 instructions, e.g. AVX-512 BF16)")
     parser.add_argument("--metrics-jsonl", type=Path, default=None, help="default: OUT/metrics.jsonl")
     parser.add_argument("--eval-every", type=int, default=0, help="FID of 1-/2-step samples every N steps")
     parser.add_argument("--eval-reference", type=Path, help="reference sample set .npz for --eval-every")
@@ -457,7 +468,8 @@ def config_from_args(args) -> DistillConfig:
         perceptual_classifier=args.perceptual_classifier, perceptual_clamp=args.perceptual_clamp,
         lambda_t=args.lambda_t, student_config=dict(args.student_config), epochs=args.epochs,
         max_steps=args.max_steps, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every, amp=not args.no_amp)
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, amp=not args.no_amp,
+        cpu_amp=args.cpu_amp)
 
 
 def make_fid_eval(teacher, cfg: DistillConfig, reference: Path, classifier: Path, num: int, seed: int):
@@ -498,6 +510,9 @@ def main(args) -> int:
     cfg = config_from_args(args)  # validates before anything expensive
     if args.eval_every and not (args.eval_reference and args.classifier):
         raise SystemExit("distill: --eval-every needs --eval-reference and --classifier")
+    if cfg.cpu_amp and args.device == "cpu" and cpu_lacks_bf16():
+        print("distill: warning: --cpu-amp on a CPU without bf16 instructions (no avx512_bf16 / amx_bf16 in "
+              "/proc/cpuinfo): bf16 is emulated there and slower than float32", file=sys.stderr)
     index = read_index(args.pairs)     # before the teacher is loaded: a missing or bad index fails fast
     if args.num_shards is not None and not 1 <= args.num_shards <= len(index["shards"]):
         raise DistillError(f"--num-shards {args.num_shards}: {args.pairs} lists {len(index['shards'])} shards")

@@ -78,7 +78,11 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     log_every: int = 10
-    amp: bool = True                  # bf16 autocast on CUDA only
+    amp: bool = True                  # bf16 autocast on CUDA
+    # bf16 autocast on the CPU as well. Measured on the 2-core machine (AVX-512 BF16, one thread per job): tiny
+    # LlamaGen steps 1.3x faster, DD 1-step FID 57.9 +- 0.8 at 1,400 steps vs 57.8 +- 0.6 in float32. A CPU without
+    # bf16 instructions emulates them and is slower: leave it off there.
+    cpu_amp: bool = False
 
     def __post_init__(self):
         problem = timestep_problem(self.timesteps)

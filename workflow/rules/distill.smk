@@ -37,6 +37,8 @@ def distill_options(wildcards, input):
         opts.append(f"--micro-batch-size {d['micro_batch_size']}")
     if not d["perceptual_clamp"]:
         opts.append("--no-perceptual-clamp")
+    if d["cpu_amp"]:
+        opts.append("--cpu-amp")
     if d["emb_loss"] == "classifier":   # the perceptual loss on the digits classifier's features
         opts.append(f"--perceptual-classifier {input.classifier}")
     if "lpips_backbone" in input.keys():
