@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from test_pairs import spec_for
 from toy import ToyStudent, ToyTeacher
 
@@ -227,3 +228,39 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(family):
 def test_micro_batch_that_does_not_divide_the_per_process_batch_is_refused(tmp_path, shards):
     with pytest.raises(DistillError, match="micro_batch_size 3 does not divide the per-process batch 8"):
         run(tmp_path / "out", shards, cfg=replace(CFG, micro_batch_size=3))
+
+
+def test_cpu_amp_trains_in_bf16_and_still_resumes_exactly(tmp_path, shards):
+    # distill.cpu_amp (the embedded default's): bf16 autocast on the CPU. It must change the arithmetic (else the
+    # flag does nothing), stay close to float32 (the same training, rounded), and keep the kill/rerun guarantee
+    fp32 = losses_of_run(tmp_path / "fp32", shards, CFG)
+    amp_cfg = replace(CFG, cpu_amp=True)
+    amp = losses_of_run(tmp_path / "amp", shards, amp_cfg)
+    assert amp != fp32
+    assert all(abs(amp[s] - fp32[s]) <= 0.05 * abs(fp32[s]) for s in fp32)
+
+    def crash(model, step):
+        if step == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", shards, cfg=amp_cfg, eval_fn=crash)
+    run(tmp_path / "cut", shards, cfg=amp_cfg)
+    assert losses_of(tmp_path / "cut" / "log.jsonl") == amp
+
+
+def losses_of_run(out, shards, cfg):
+    run(out, shards, cfg=cfg)
+    return losses_of(out / "log.jsonl")
+
+
+def test_the_default_config_passes_cpu_amp_to_distill(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "snakemake", "results/tiny_llamagen/distill/main/student.pt", "-n", "-p",
+                        "--cores", "1", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                        "--configfile", str(REPO / "config" / "config.yaml")],
+                       capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    commands = [line for line in out.splitlines() if " distill " in line and "--out results/tiny_llamagen" in line]
+    assert commands and all("--cpu-amp" in c for c in commands), commands
