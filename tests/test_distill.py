@@ -264,3 +264,18 @@ def test_the_default_config_passes_cpu_amp_to_distill(tmp_path):
     assert r.returncode == 0, out[-3000:]
     commands = [line for line in out.splitlines() if " distill " in line and "--out results/tiny_llamagen" in line]
     assert commands and all("--cpu-amp" in c for c in commands), commands
+
+
+def test_cosine_lr_schedule_falls_from_the_lr_to_zero_after_the_warmup(tmp_path, shards):
+    from dd.method.distill import lr_factor
+
+    cfg = replace(CFG, lr_schedule="cosine", warmup_steps=2, max_steps=10)
+    factors = [lr_factor(cfg, s, 10) for s in range(10)]
+    assert factors[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert all(a > b for a, b in zip(factors[2:], factors[3:])) and factors[6] == pytest.approx(0.5)
+    assert [lr_factor(CFG, s, 10) for s in range(10)] == [1.0] * 10       # constant: the DD code's
+    run(tmp_path, shards, cfg=replace(cfg, max_steps=6))                  # the optimiser follows it
+    lrs = [r["train/lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "train/lr" in r]
+    assert lrs[-1] < lrs[1] == pytest.approx(CFG.lr)
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine"):
+        replace(CFG, lr_schedule="linear")

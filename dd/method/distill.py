@@ -29,7 +29,7 @@ from torch import nn
 
 from dd.io import JsonlLogger, atomic_torch_save, read_checkpoint, remove_stale_temps
 from dd.method.pairs import PairSet, read_index
-from dd.method.settings import EMB_LOSSES, DistillConfig, timestep_problem
+from dd.method.settings import EMB_LOSSES, LR_SCHEDULES, DistillConfig, timestep_problem
 from dd.method.student import perturb
 from dd.method.teacher import Teacher
 
@@ -179,6 +179,17 @@ def effective_lr(cfg: DistillConfig) -> float:
     return cfg.lr * cfg.batch_size / 256 if cfg.lr_per_256 else cfg.lr
 
 
+def lr_factor(cfg: DistillConfig, step: int, total: int) -> float:
+    """The learning rate of ``step`` (0-based) as a share of the configured one: linear warmup, then constant or a
+    half cosine that reaches 0 at the last of ``total`` steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        done = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return 1.0
+
+
 def _rng_state() -> dict:
     """Every RNG state as tensors and plain values (numpy's key array as a tensor), so that checkpoints load
     with ``weights_only=True``."""
@@ -301,7 +312,7 @@ def distill(cfg: DistillConfig, teacher: Teacher, student: nn.Module, pairs: Pai
     total = cfg.max_steps if cfg.max_steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     lr = effective_lr(cfg)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s, total))
     ema = EMA(student)
     lpips_model = build_perceptual(cfg, device)
     step = 0
@@ -428,6 +439,7 @@ def add_arguments(parser) -> None:
     steps.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
     parser.add_argument("--grad-clip", type=float, default=d.grad_clip)
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="per-process micro-batch: gradients are accumulated (default: the whole per-process batch)")
@@ -462,7 +474,7 @@ def add_arguments(parser) -> None:
 def config_from_args(args) -> DistillConfig:
     return DistillConfig(
         timesteps=list(args.timesteps), batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr, lr_per_256=args.lr_per_256,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ce_weight=args.ce_weight, emb_weight=args.emb_weight,
         emb_loss=args.emb_loss, lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone,
         perceptual_classifier=args.perceptual_classifier, perceptual_clamp=args.perceptual_clamp,

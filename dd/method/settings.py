@@ -39,6 +39,7 @@ class PairSettings:
     order: int = 3                  # multistep DPM-Solver++ order
 
 
+LR_SCHEDULES = ("constant", "cosine")
 EMB_LOSSES = ("lpips", "classifier", "mse")
 
 
@@ -55,6 +56,8 @@ class DistillConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # "constant" (the DD code's) or "cosine": after the warmup, lr falls along a half cosine to 0 at the last step
+    lr_schedule: str = "constant"
     grad_clip: float = 2.0
     ema_decay: float = 0.9999
     ema_warmup: bool = False          # decay min(ema_decay, (1+s)/(10+s)): useful for short runs
@@ -88,6 +91,8 @@ class DistillConfig:
         problem = timestep_problem(self.timesteps)
         if problem:
             raise ValueError(f"timesteps: {problem}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.emb_loss not in EMB_LOSSES:
             raise ValueError(f"emb_loss must be one of {', '.join(EMB_LOSSES)}, got {self.emb_loss!r}")
         if self.emb_loss == "classifier" and not self.perceptual_classifier:

@@ -37,6 +37,8 @@ def distill_options(wildcards, input):
         opts.append(f"--micro-batch-size {d['micro_batch_size']}")
     if not d["perceptual_clamp"]:
         opts.append("--no-perceptual-clamp")
+    if d["lr_schedule"] != "constant":
+        opts.append(f"--lr-schedule {d['lr_schedule']}")
     if d["cpu_amp"]:
         opts.append("--cpu-amp")
     if d["emb_loss"] == "classifier":   # the perceptual loss on the digits classifier's features
