@@ -181,29 +181,43 @@ def label_of(row) -> str:
 
 
 def fig_fid_vs_time(tables: list[str | Path], out: str | Path, title: str = "") -> None:
-    """Paper Fig. 1: FID against seconds per image, one point per sample set."""
+    """Paper Fig. 1: FID against seconds per image, one point per sample set, with error bars of +-2 standard
+    errors (``fid_std``). Each set is named in the legend with its FID and standard error: at this size several sets
+    share a spot of the plot, and labels written beside the points would cover each other."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     df = pd.concat([pd.read_csv(t) for t in tables]).drop_duplicates(subset=["set"])
     df = df.dropna(subset=["fid", "seconds_per_image"])
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = {"teacher": ("k", "*"), "skip": ("tab:gray", "s"), "onestep*": ("tab:red", "x"), "dd": ("tab:blue", "o"),
               "dd-teacher": ("tab:green", "^")}
+    shades = {}   # sets of one kind get lighter shades of its colour, so each point can be told apart
     for _, row in df.iterrows():
         m = row["method"]
         kind = "dd-teacher" if m.startswith("dd-teacher") else "skip" if m.startswith("skip-") else m
         color, marker = styles.get(kind, ("tab:purple", "d"))
-        ax.scatter(row["seconds_per_image"], row["fid"], c=color, marker=marker, s=60)
-        if "fid_std" in row and pd.notna(row["fid_std"]):   # +-2 standard errors
-            ax.errorbar(row["seconds_per_image"], row["fid"], yerr=2 * row["fid_std"], c=color, capsize=3, lw=1)
-        ax.annotate(label_of(row), (row["seconds_per_image"], row["fid"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        alpha = max(0.35, 1.0 - 0.25 * shades.get(kind, 0))
+        shades[kind] = shades.get(kind, 0) + 1
+        std = row["fid_std"] if "fid_std" in row and pd.notna(row["fid_std"]) else None
+        label = f"{label_of(row)}: {row['fid']:.1f}" + (f" +- {std:.1f}" if std is not None else "")
+        ax.errorbar(row["seconds_per_image"], row["fid"], yerr=None if std is None else 2 * std, c=color,
+                    marker=marker, ms=8, alpha=alpha, capsize=4, lw=1.2, ls="none", label=label)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.set_xscale("log")
-    if len(df) and df["fid"].max() / max(df["fid"].min(), 1e-9) > 30:
+    ax.xaxis.set_minor_formatter(NullFormatter())   # the log axis's minor labels run into each other
+    if len(df) and df["fid"].max() / max(df["fid"].min(), 1e-9) > 5:
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("seconds per image (steady state)")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(f"FID vs generation time{': ' + title if title else ''}")
     ax.grid(True, which="both", alpha=0.3)
+    if len(df):
+        ax.legend(title="set: FID +- SE (bars: +-2 SE)", fontsize=7, title_fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, out)
     plt.close(fig)
 
