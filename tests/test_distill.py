@@ -225,6 +225,41 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(family):
     assert any(g.abs().sum() > 0 for g in results[None][1])
 
 
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_cpu_training_step_uses_the_math_attention_kernel_with_the_same_gradients(family, monkeypatch):
+    # On the CPU the step runs attention on the math kernel (the flash kernel's backward was 42% of a tiny step):
+    # the kernels must be the only difference, so in float32 the gradients equal the default kernel's to rounding
+    import contextlib
+    import copy
+
+    import dd.method.distill as D
+    from dd.bench import tiny_teacher
+
+    with D.attention_kernel("cpu"):
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()              # restored afterwards
+    with D.attention_kernel("cuda"):
+        assert torch.backends.cuda.flash_sdp_enabled()          # GPUs keep the fused kernels
+
+    teacher = tiny_teacher(family, 0).teacher.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    V, C = teacher.codebook.shape
+    batch = (torch.arange(8) % teacher.num_classes, torch.randint(V, (8, teacher.n_tokens), generator=g),
+             torch.randn(8, teacher.n_tokens, C, generator=g), torch.tensor([0, 1] * 4))
+    base = D.new_student(teacher, 0)
+    grads = {}
+    for kernel in ("math", "default"):
+        if kernel == "default":
+            monkeypatch.setattr(D, "attention_kernel", lambda device_type: contextlib.nullcontext())
+        student = copy.deepcopy(base)
+        opt = torch.optim.SGD(student.parameters(), lr=0.0)
+        D.optimisation_step(student, student, teacher, replace(CFG, batch_size=8, grad_clip=1e9), batch, opt, None,
+                            False, 0)
+        grads[kernel] = [p.grad.clone() for p in student.parameters()]
+    for a, b in zip(grads["math"], grads["default"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_micro_batch_that_does_not_divide_the_per_process_batch_is_refused(tmp_path, shards):
     with pytest.raises(DistillError, match="micro_batch_size 3 does not divide the per-process batch 8"):
         run(tmp_path / "out", shards, cfg=replace(CFG, micro_batch_size=3))
