@@ -21,8 +21,11 @@ def distill_inputs(wildcards):
     return inputs
 
 
-def distill_options(wildcards, input):
+def distill_options(wildcards):
+    # a function of the wildcards only, not of `input`: Snakemake records (and compares on the next run) only such
+    # params, so a changed setting reruns the job (with `input` a changed lr or max_steps kept the old student)
     run, d = distill_run(wildcards), exp_config(wildcards)["distill"]
+    inputs = distill_inputs(wildcards)
     opts = [f"--num-shards {len(run.shards)}", f"--timesteps {' '.join(map(str, run.timesteps))}",
             f"--batch-size {d['batch_size']}",
             f"--lr {d['lr']}", "--lr-per-256" if d["lr_per_256"] else "--fixed-lr",
@@ -42,11 +45,12 @@ def distill_options(wildcards, input):
     if d["cpu_amp"]:
         opts.append("--cpu-amp")
     if d["emb_loss"] == "classifier":   # the perceptual loss on the digits classifier's features
-        opts.append(f"--perceptual-classifier {input.classifier}")
-    if "lpips_backbone" in input.keys():
-        opts.append(f"--lpips-backbone {input.lpips_backbone}")
+        opts.append(f"--perceptual-classifier {inputs['classifier']}")
+    if "lpips_backbone" in inputs:
+        opts.append(f"--lpips-backbone {inputs['lpips_backbone']}")
     if run.eval_every:
-        opts.append(f"--eval-every {run.eval_every} --eval-reference {input.reference} --classifier {input.classifier}")
+        opts.append(f"--eval-every {run.eval_every} --eval-reference {inputs['reference']} "
+                    f"--classifier {inputs['classifier']}")
     return " ".join(opts)
 
 

@@ -32,8 +32,10 @@ def evaluate_inputs(wildcards):
     return inputs
 
 
-def vs_teacher_option(wildcards, input):
-    return f"--vs-samples {input.teacher} --vs-key vs_teacher" if "teacher" in input.keys() else ""
+def vs_teacher_option(wildcards):
+    # of the wildcards only: Snakemake records such params and reruns the job when they change
+    teacher = evaluate_inputs(wildcards).get("teacher")
+    return f"--vs-samples {teacher} --vs-key vs_teacher" if teacher else ""
 
 
 rule evaluate:

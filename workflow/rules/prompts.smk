@@ -35,12 +35,13 @@ def caption_inputs(wildcards):
     return inputs
 
 
-def caption_options(wildcards, input):
-    pr, p = exp_config(wildcards)["prompts"], P(wildcards)
+def caption_options(wildcards):
+    # of the wildcards only: Snakemake records such params and reruns the job when they change
+    pr, p, inputs = exp_config(wildcards)["prompts"], P(wildcards), caption_inputs(wildcards)
     opts = [f"--column {shlex.quote(p.prompt_columns[wildcards.prompt_set])}", f"--encoder {pr['encoder']}",
             f"--device {DEVICE}"]
-    if "encoder" in input.keys():
-        opts.append(f"--encoder-weights {input.encoder}")
+    if "encoder" in inputs:
+        opts.append(f"--encoder-weights {inputs['encoder']}")
     if pr["encoder_dir"]:
         opts.append(f"--encoder-dir {shlex.quote(str(pr['encoder_dir']))}")
     return " ".join(opts)

@@ -24,14 +24,15 @@ def sample_inputs(wildcards):
     return inputs
 
 
-def sample_options(wildcards, input):
-    s, c = sample_set(wildcards), exp_config(wildcards)["sample"]
+def sample_options(wildcards):
+    # of the wildcards only, so that Snakemake records them and a changed setting (e.g. sample.num) reruns the job
+    s, c, inputs = sample_set(wildcards), exp_config(wildcards)["sample"], sample_inputs(wildcards)
     opts = [f"--method {s.method}", f"--num {c['num']}", f"--batch-size {c['batch_size']}", f"--seed {c['seed']}",
             sampling_args(c), *s.args]
-    if "student" in input.keys():
-        opts.append(f"--student {input.student}")
+    if "student" in inputs:
+        opts.append(f"--student {inputs['student']}")
     if s.needs_pairs:
-        opts.append(f"--pairs {input.index}")
+        opts.append(f"--pairs {inputs['index']}")
     return " ".join(opts)
 
 
