@@ -271,12 +271,11 @@ def optimisation_step(model: nn.Module, student: nn.Module, teacher: Teacher, cf
         share = len(part[0]) / n
         last = start == starts[-1]
         sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
-        with sync:
-            with attention_kernel(device_type):
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
-                    micro_losses = distill_losses(model, teacher, cfg, *part, lpips_model)
-                _check_finite(step, micro_losses)
-                (micro_losses["loss"] * share).backward()
+        with sync, attention_kernel(device_type):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
+                micro_losses = distill_losses(model, teacher, cfg, *part, lpips_model)
+            _check_finite(step, micro_losses)
+            (micro_losses["loss"] * share).backward()
         for k, v in micro_losses.items():
             losses[k] = losses.get(k, 0.0) + v.detach() * share
     grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)

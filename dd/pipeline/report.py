@@ -29,6 +29,7 @@ import json
 import math
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -192,13 +193,13 @@ def fig_fid_vs_time(tables: list[str | Path], out: str | Path, title: str = "") 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = {"teacher": ("k", "*"), "skip": ("tab:gray", "s"), "onestep*": ("tab:red", "x"), "dd": ("tab:blue", "o"),
               "dd-teacher": ("tab:green", "^")}
-    shades = {}   # sets of one kind get lighter shades of its colour, so each point can be told apart
+    shades = Counter()   # sets of one kind get lighter shades of its colour, so each point can be told apart
     for _, row in df.iterrows():
         m = row["method"]
         kind = "dd-teacher" if m.startswith("dd-teacher") else "skip" if m.startswith("skip-") else m
         color, marker = styles.get(kind, ("tab:purple", "d"))
-        alpha = max(0.35, 1.0 - 0.25 * shades.get(kind, 0))
-        shades[kind] = shades.get(kind, 0) + 1
+        alpha = max(0.35, 1.0 - 0.25 * shades[kind])
+        shades[kind] += 1
         std = row["fid_std"] if "fid_std" in row and pd.notna(row["fid_std"]) else None
         label = f"{label_of(row)}: {row['fid']:.1f}" + (f" +- {std:.1f}" if std is not None else "")
         ax.errorbar(row["seconds_per_image"], row["fid"], yerr=None if std is None else 2 * std, c=color,
