@@ -145,6 +145,39 @@ def scheduled_jobs(dry_run_output: str) -> set[tuple[str, str]]:
     return jobs
 
 
+def job_priorities(dry_run_output: str) -> dict[tuple[str, str], float]:
+    """(rule, wildcards) -> priority of each job a `snakemake -n` output lists with one."""
+    out = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_output):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        wildcards = re.search(r"^\s+wildcards: (.+)$", block, re.M)
+        priority = re.search(r"^\s+priority: ([\d.]+)$", block, re.M)
+        if rule and priority:
+            out[rule.group(1), wildcards.group(1).strip() if wildcards else ""] = float(priority.group(1))
+    return out
+
+
+def test_the_longest_distillation_and_its_pairs_start_first(tmp_path):
+    # jobs of equal priority start in no fixed order: a default run that distilled tiny VAR before tiny LlamaGen's
+    # pairs were made ran minutes longer. The experiment whose main distillation is longest (steps x batch) must
+    # have its pair shards and distillation ahead of the other experiments', and main runs ahead of ablations.
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    length = {name: exp["distill"]["max_steps"] * exp["distill"]["batch_size"]
+              for name, exp in config["experiments"].items()}
+    longest, shortest = max(length, key=length.get), min(length, key=length.get)
+    assert longest != shortest
+    jobs = job_priorities(finish(snakemake(tmp_path / "w", REPO / "config" / "config.yaml", "-n")))
+    distill = {w: v for (r, w), v in jobs.items() if r == "distill"}
+    shards = {w: v for (r, w), v in jobs.items() if r == "generate_pairs"}
+    assert min(v for w, v in shards.items() if f"={longest}," in w) > max(
+        v for w, v in shards.items() if f"={shortest}," in w), shards
+    main = {name: distill[f"experiment={name}, run=main"] for name in length}
+    assert main[longest] > main[shortest], distill
+    assert main[longest] > max(shards.values()), (distill, shards)   # a ready distillation before any shard
+    ablations = [v for w, v in distill.items() if not w.endswith("run=main")]
+    assert ablations and max(ablations) < main[shortest], distill
+
+
 def test_a_changed_setting_reruns_the_jobs_it_feeds(run_a):
     # Snakemake reruns a job when its recorded params change, and it records only params that are functions of the
     # wildcards: a setting passed through a function of `input` was once ignored, and a changed lr kept the old

@@ -410,13 +410,27 @@ def ema_model(student: nn.Module, ema: EMA) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # CLI: python -m dd distill
 # --------------------------------------------------------------------------------------------------
-def cpu_lacks_bf16() -> bool:
-    """True where /proc/cpuinfo lists the CPU's flags without a bf16 matrix instruction set (False where unknown)."""
+def cpu_has_bf16() -> bool | None:
+    """Whether /proc/cpuinfo lists a bf16 matrix instruction set among the CPU's flags (None where it is unknown)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "flags" in flags and not any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+        return None
+    if "flags" not in flags:
+        return None
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def cpu_amp_wanted(choice: str | None, device: str) -> bool:
+    """``--cpu-amp``: always, never (None) or auto. Auto takes bf16 only where the CPU has bf16 instructions: on an
+    AVX2-only CPU (AMD EPYC Zen 3) a bf16 matrix product ran at 1.3 GFLOP/s against 62 in float32, and a tiny VAR
+    step took 26 s instead of 2.4 s, so the default's bf16 setting, measured on an AVX-512 BF16 machine, would have
+    turned its 15 minutes into hours."""
+    if choice is None or device != "cpu":
+        return choice == "always"
+    if choice == "auto":
+        return cpu_has_bf16() is True
+    return True
 
 
 def json_object(text: str) -> dict:
@@ -474,8 +488,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--student-config", type=json_object, default={}, metavar="JSON",
                         help='student config fields to override, e.g. \'{"within_scale_attention": true}\' (VAR)')
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    parser.add_argument("--cpu-amp", action="store_true",
-                        help="bf16 autocast on the CPU too (faster where the CPU has bf16 instructions, e.g. AVX-512 BF16)")
+    parser.add_argument("--cpu-amp", nargs="?", const="always", choices=("always", "auto"), default=None,
+                        help="bf16 autocast on the CPU too: always, or (auto) only where the CPU has bf16 instructions "
+                             "(AVX-512 BF16, AMX), which make it faster; elsewhere bf16 is emulated and many times slower")
     parser.add_argument("--metrics-jsonl", type=Path, default=None, help="default: OUT/metrics.jsonl")
     parser.add_argument("--eval-every", type=int, default=0, help="FID of 1-/2-step samples every N steps")
     parser.add_argument("--eval-reference", type=Path, help="reference sample set .npz for --eval-every")
@@ -494,7 +509,7 @@ def config_from_args(args) -> DistillConfig:
         lambda_t=args.lambda_t, student_config=dict(args.student_config), epochs=args.epochs,
         max_steps=args.max_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, amp=not args.no_amp,
-        cpu_amp=args.cpu_amp)
+        cpu_amp=cpu_amp_wanted(args.cpu_amp, args.device))
 
 
 def make_fid_eval(teacher, cfg: DistillConfig, reference: Path, classifier: Path, num: int, seed: int):
@@ -535,9 +550,13 @@ def main(args) -> int:
     cfg = config_from_args(args)  # validates before anything expensive
     if args.eval_every and not (args.eval_reference and args.classifier):
         raise SystemExit("distill: --eval-every needs --eval-reference and --classifier")
-    if cfg.cpu_amp and args.device == "cpu" and cpu_lacks_bf16():
-        print("distill: warning: --cpu-amp on a CPU without bf16 instructions (no avx512_bf16 / amx_bf16 in "
-              "/proc/cpuinfo): bf16 is emulated there and slower than float32", file=sys.stderr)
+    if args.cpu_amp and args.device == "cpu" and cpu_has_bf16() is not True:
+        if cfg.cpu_amp:
+            print("distill: warning: --cpu-amp on a CPU without bf16 instructions (no avx512_bf16 / amx_bf16 in "
+                  "/proc/cpuinfo): bf16 is emulated there and many times slower than float32", file=sys.stderr)
+        else:
+            print("distill: --cpu-amp auto: this CPU has no bf16 instructions (no avx512_bf16 / amx_bf16 in "
+                  "/proc/cpuinfo), so the steps run in float32", file=sys.stderr)
     index = read_index(args.pairs)     # before the teacher is loaded: a missing or bad index fails fast
     if args.num_shards is not None and not 1 <= args.num_shards <= len(index["shards"]):
         raise DistillError(f"--num-shards {args.num_shards}: {args.pairs} lists {len(index['shards'])} shards")

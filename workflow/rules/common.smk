@@ -65,6 +65,31 @@ def stage_resource(stage, key):
     return lambda wildcards: exp_config(wildcards)["resources"][stage][key]
 
 
+def distill_samples(name, run):
+    """Training samples (steps x batch) of an experiment's distillation run: a measure of its length."""
+    d, r = config["experiments"][name]["distill"], PLANS[name].runs[run]
+    if r.max_steps is not None:
+        return r.max_steps * d["batch_size"]
+    return r.epochs * config["experiments"][name]["pairs"]["num_pairs"] * len(r.shards) / len(PLANS[name].shards)
+
+
+# The experiments ranked by the length of their main distillation (0 = shortest). Jobs of equal priority start in
+# no fixed order, and on 2 cores a run that distilled tiny VAR (5 min) before tiny LlamaGen's pairs were made
+# finished minutes later than one that started tiny LlamaGen's 9-minute distillation first.
+_LENGTHS = {name: distill_samples(name, "main") if "main" in p.runs else 0 for name, p in PLANS.items()}
+CHAIN_RANK = {name: sorted(set(_LENGTHS.values())).index(n) for name, n in _LENGTHS.items()}
+
+
+def chain_priority(wildcards):
+    """Pair shards and their index: those of the longest distillation first."""
+    return 10 + CHAIN_RANK[wildcards.experiment]
+
+
+def distill_priority(wildcards):
+    """The longest distillation first; an experiment's main run before its (shorter) ablation runs."""
+    return chain_priority(wildcards) + (0.5 if wildcards.run == "main" else 0)
+
+
 def teacher_inputs(wildcards, prompts="train"):
     """The teacher's files; a text-to-image teacher's caption features of the ``prompts`` set as well (train: pairs
     and distillation; eval: sampling)."""

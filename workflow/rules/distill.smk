@@ -42,8 +42,8 @@ def distill_options(wildcards):
         opts.append("--no-perceptual-clamp")
     if d["lr_schedule"] != "constant":
         opts.append(f"--lr-schedule {d['lr_schedule']}")
-    if d["cpu_amp"]:
-        opts.append("--cpu-amp")
+    if d["cpu_amp"]:   # true: always; auto: where the CPU has bf16 instructions (decided by dd distill)
+        opts.append("--cpu-amp auto" if d["cpu_amp"] == "auto" else "--cpu-amp")
     if d["emb_loss"] == "classifier":   # the perceptual loss on the digits classifier's features
         opts.append(f"--perceptual-classifier {inputs['classifier']}")
     if "lpips_backbone" in inputs:
@@ -62,7 +62,7 @@ def distill_launcher(wildcards, resources):
 
 
 rule distill:
-    priority: 10   # the longest job and most of the run's critical path: first when its inputs are ready
+    priority: distill_priority   # the longest jobs and most of the run's critical path: first when ready
     input:
         unpack(distill_inputs),
     output:

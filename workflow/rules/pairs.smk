@@ -17,7 +17,7 @@ def pair_prompts(wildcards):
 rule generate_pairs:
     wildcard_constraints:
         pair_set="pairs",
-    priority: 10   # the distillation waits for these shards: before onestep*'s pairs and the sample sets
+    priority: chain_priority   # the distillation waits for these shards: before onestep*'s pairs and the sample sets
     input:
         unpack(lambda wc: teacher_inputs(wc, pair_prompts(wc))),
     output:
@@ -55,7 +55,7 @@ use rule generate_pairs as generate_onestep_pairs with:
 
 rule shard_index:
     """Merge step: check that all shards belong to one pair set (teacher, settings, sizes, checksums)."""
-    priority: 10
+    priority: chain_priority
     input:
         shard_paths,
     output:
