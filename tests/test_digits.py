@@ -101,3 +101,14 @@ def test_grid_png(tmp_path):
     save_grid_png(to_uint8(x[:25]), None, path, nrow=10, scale=1, pad=0)
     assert Image.open(path).size == (160, 48)
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+def test_gaussian_blur_keeps_to_the_images_device():
+    # the digits classifier blurs its input: `dd evaluate --device cuda` once failed on a kernel built on the CPU.
+    # The meta device stands in for a GPU here (an op mixing meta and CPU tensors fails the same way).
+    from dd.evaluation.digits import gaussian_blur
+
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = gaussian_blur(images.to("meta"), [1.0, 0.5])
+    assert out.device.type == "meta" and out.shape == images.shape
+    assert torch.allclose(gaussian_blur(images, 0), images, atol=1e-6)

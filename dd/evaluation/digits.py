@@ -89,9 +89,12 @@ def load_digits_images(
 def gaussian_blur(images: torch.Tensor, sigma) -> torch.Tensor:
     """Separable Gaussian blur of [N, C, H, W] with standard deviation ``sigma`` (a number, or [N] per image; 0 =
     unchanged), replicate padding."""
+    # the kernel on the images' device: the digits classifier blurs its input, and `dd evaluate --device cuda`
+    # failed on a CPU kernel
     sigma = torch.as_tensor(sigma, dtype=torch.float32).expand(images.shape[0]).clamp(min=1e-6)
     r = max(1, int(np.ceil(3 * float(sigma.max()))))
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    sigma = sigma.to(images.device)
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=images.device)
     k = torch.exp(-t[None, :] ** 2 / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)                                                  # [N, 2r+1]
     n, c, h, w = images.shape
