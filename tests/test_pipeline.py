@@ -176,6 +176,12 @@ def test_the_longest_distillation_and_its_pairs_start_first(tmp_path):
     assert main[longest] > max(shards.values()), (distill, shards)   # a ready distillation before any shard
     ablations = [v for w, v in distill.items() if not w.endswith("run=main")]
     assert ablations and max(ablations) < main[shortest], distill
+    # priorities do not pass to a job's inputs: the teacher files of the longest chain are fetched first as well
+    downloads = {w.split("=", 1)[1]: v for (r, w), v in jobs.items() if r == "download"}
+    teacher = {name: config["experiments"][name]["teacher"]["name"] for name in length}
+    own = {name: [v for f, v in downloads.items() if f.startswith(teacher[name] + "_")] for name in length}
+    assert own[longest] and own[shortest] and min(own[longest]) > max(own[shortest]), downloads
+    assert jobs["digits_reference", "size=16"] >= main[longest] - 1, jobs   # the distillations' periodic FID
 
 
 def test_a_changed_setting_reruns_the_jobs_it_feeds(run_a):

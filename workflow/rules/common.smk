@@ -85,6 +85,13 @@ def chain_priority(wildcards):
     return 10 + CHAIN_RANK[wildcards.experiment]
 
 
+def download_priority(wildcards):
+    """A released file: the priority of the longest chain that needs it. Priorities do not pass to a job's inputs,
+    and a run that fetched tiny VAR's files first made its pairs before tiny LlamaGen's."""
+    path = f"resources/checkpoints/{wildcards.filename}"
+    return max((10 + CHAIN_RANK[name] for name, p in PLANS.items() if path in p.downloads), default=0)
+
+
 def distill_priority(wildcards):
     """The longest distillation first; an experiment's main run before its (shorter) ablation runs."""
     return chain_priority(wildcards) + (0.5 if wildcards.run == "main" else 0)

@@ -6,6 +6,7 @@
 rule digit_prompts:
     """Captions of the digits: training digits in the training phrasings, test digits in held-out phrasings, and
     the attribute scale that prompt_accuracy measures against."""
+    priority: chain_priority   # the pairs wait for the captions of these prompts
     output:
         train="results/{experiment}/prompts/prompts_train.tsv",
         eval="results/{experiment}/prompts/prompts_eval.tsv",
@@ -48,6 +49,7 @@ def caption_options(wildcards):
 
 
 rule caption_features:
+    priority: chain_priority
     input:
         unpack(caption_inputs),
     output:

@@ -8,6 +8,7 @@ localrules: download
 
 rule digits_reference:
     """The digits (train split) at the teachers' resolution: the FID reference of the digits teachers."""
+    priority: 10 + max(CHAIN_RANK.values(), default=0)   # the distillations' periodic FID reads it
     output:
         "results/digits/reference_{size}.npz",
     log:
@@ -25,6 +26,7 @@ rule digits_reference:
 rule download:
     """A released file (registry name or pinned URL) into resources/checkpoints/, verified against its SHA-256; after
     the check of the user's files, when an experiment has any (multi-GB downloads wait for it)."""
+    priority: download_priority
     input:
         all_user_input_checks,
     output:
