@@ -302,8 +302,9 @@ def test_the_default_config_passes_cpu_amp_to_distill(tmp_path):
 
 
 def test_cpu_amp_auto_takes_bf16_only_where_the_cpu_has_bf16_instructions(monkeypatch):
-    # bf16 is emulated on a CPU without bf16 instructions: a tiny VAR step (LPIPS loss) took 26 s there instead of 2.4 s in
-    # float32, so `auto` (the default's setting) must fall back to float32 there, and where the flags are unknown
+    # bf16 is emulated on a CPU without bf16 instructions: a tiny VAR step (LPIPS loss) took 26 s there instead of
+    # 2.4 s in float32, so `auto` (the default's setting) must fall back to float32 there, and where the flags are
+    # unknown
     from dd.method import distill as d
 
     for has_bf16, auto in ((True, True), (False, False), (None, False)):

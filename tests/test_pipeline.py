@@ -134,26 +134,27 @@ def test_mlflow_has_one_run_per_job(run_a):
         assert len(history) >= 2
 
 
-def scheduled_jobs(dry_run_output: str) -> set[tuple[str, str]]:
-    """(rule, wildcards) of each job a `snakemake -n` output lists."""
-    jobs = set()
+def dry_run_jobs(dry_run_output: str):
+    """(rule, wildcards, job block) of each job a `snakemake -n` output lists."""
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_output):
         rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
         wildcards = re.search(r"^\s+wildcards: (.+)$", block, re.M)
         if rule:
-            jobs.add((rule.group(1), wildcards.group(1).strip() if wildcards else ""))
-    return jobs
+            yield rule.group(1), wildcards.group(1).strip() if wildcards else "", block
+
+
+def scheduled_jobs(dry_run_output: str) -> set[tuple[str, str]]:
+    """(rule, wildcards) of each job a `snakemake -n` output lists."""
+    return {(rule, wildcards) for rule, wildcards, _ in dry_run_jobs(dry_run_output)}
 
 
 def job_priorities(dry_run_output: str) -> dict[tuple[str, str], float]:
     """(rule, wildcards) -> priority of each job a `snakemake -n` output lists with one."""
     out = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_output):
-        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
-        wildcards = re.search(r"^\s+wildcards: (.+)$", block, re.M)
+    for rule, wildcards, block in dry_run_jobs(dry_run_output):
         priority = re.search(r"^\s+priority: ([\d.]+)$", block, re.M)
-        if rule and priority:
-            out[rule.group(1), wildcards.group(1).strip() if wildcards else ""] = float(priority.group(1))
+        if priority:
+            out[rule, wildcards] = float(priority.group(1))
     return out
 
 

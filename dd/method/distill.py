@@ -424,8 +424,8 @@ def cpu_has_bf16() -> bool | None:
 def cpu_amp_wanted(choice: str | None, device: str) -> bool:
     """``--cpu-amp``: always, never (None) or auto. Auto takes bf16 only where the CPU has bf16 instructions: on an
     AVX2-only CPU (AMD EPYC Zen 3) a bf16 matrix product ran at 1.3 GFLOP/s against 62 in float32, and a tiny VAR
-    step (LPIPS loss) took 26 s instead of 2.4 s, so the default's bf16 setting, measured on an AVX-512 BF16 machine, would have
-    turned its 15 minutes into hours."""
+    step (LPIPS loss) took 26 s instead of 2.4 s, so the default's bf16 setting, measured on an AVX-512 BF16
+    machine, would have turned its 15 minutes into hours."""
     if choice is None or device != "cpu":
         return choice == "always"
     if choice == "auto":

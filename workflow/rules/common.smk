@@ -80,16 +80,21 @@ _LENGTHS = {name: distill_samples(name, "main") if "main" in p.runs else 0 for n
 CHAIN_RANK = {name: sorted(set(_LENGTHS.values())).index(n) for name, n in _LENGTHS.items()}
 
 
+def experiment_chain_priority(name):
+    """Priority of the jobs on an experiment's way to its main distillation: 10, plus its rank."""
+    return 10 + CHAIN_RANK[name]
+
+
 def chain_priority(wildcards):
-    """Pair shards and their index: those of the longest distillation first."""
-    return 10 + CHAIN_RANK[wildcards.experiment]
+    """Prompts, caption features, pair shards and their index: those of the longest distillation first."""
+    return experiment_chain_priority(wildcards.experiment)
 
 
 def download_priority(wildcards):
     """A released file: the priority of the longest chain that needs it. Priorities do not pass to a job's inputs,
     and a run that fetched tiny VAR's files first made its pairs before tiny LlamaGen's."""
     path = f"resources/checkpoints/{wildcards.filename}"
-    return max((10 + CHAIN_RANK[name] for name, p in PLANS.items() if path in p.downloads), default=0)
+    return max((experiment_chain_priority(name) for name, p in PLANS.items() if path in p.downloads), default=0)
 
 
 def distill_priority(wildcards):

@@ -8,7 +8,7 @@ localrules: download
 
 rule digits_reference:
     """The digits (train split) at the teachers' resolution: the FID reference of the digits teachers."""
-    priority: 10 + max(CHAIN_RANK.values(), default=0)   # the distillations' periodic FID reads it
+    priority: max(map(experiment_chain_priority, PLANS), default=10)   # read by the distillations' periodic FID
     output:
         "results/digits/reference_{size}.npz",
     log:
