@@ -65,12 +65,17 @@ def sample_prompts(samples: SampleSet, prompts_path, column: str) -> list[str]:
 
 
 def clip_scores(samples_npz, prompts_path, column: str = "prompt", model: str = DEFAULT_CLIP_MODEL, *,
-                splits: int = 1, batch_size: int = 64, device: str | None = None) -> dict:
-    """{"clip_score", "clip_score_std" (splits > 1), "clip_model"} of a labelled sample set."""
+                splits: int = 1, batch_size: int = 64, device: str | None = None,
+                prompts: list[str] | None = None) -> dict:
+    """{"clip_score", "clip_score_std" (splits > 1), "clip_model"} of a labelled sample set. ``prompts``: every
+    sample's prompt as ``sample_prompts`` gave it (the prompt file is then not read again)."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     samples = samples_npz if isinstance(samples_npz, SampleSet) else load_sample_set(samples_npz)
-    prompts = sample_prompts(samples, prompts_path, column)
+    if prompts is None:
+        prompts = sample_prompts(samples, prompts_path, column)
+    elif len(prompts) != len(samples):
+        raise SampleSetError(f"{samples.source}: {len(prompts)} prompts for {len(samples)} samples")
     if splits < 1 or len(samples) % splits:
         raise SampleSetError(f"{len(samples)} samples do not split into {splits} equal parts")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -402,10 +402,11 @@ def main(args: argparse.Namespace) -> int:
         samples = load_sample_set(args.samples)
         # a bad --vs-samples file fails here, before any feature extraction
         vs_reference = load_sample_set(args.vs_samples) if args.vs_samples else None
-        if args.clip_model:  # a bad prompt file or labels outside it fail here too
+        clip_prompts = None
+        if args.clip_model:  # a bad prompt file or labels outside it fail here too, read once
             from dd.evaluation.clip_score import sample_prompts
 
-            sample_prompts(samples, args.prompts, args.prompt_column)
+            clip_prompts = sample_prompts(samples, args.prompts, args.prompt_column)
         metrics = evaluate_sample_set(
             samples, args.reference,
             feature_extractor=args.feature_extractor, weights_path=args.weights,
@@ -420,7 +421,7 @@ def main(args: argparse.Namespace) -> int:
             from dd.evaluation.clip_score import clip_scores
 
             metrics.update(clip_scores(samples, args.prompts, args.prompt_column, args.clip_model, splits=args.splits,
-                                       batch_size=args.batch_size, device=args.device))
+                                       batch_size=args.batch_size, device=args.device, prompts=clip_prompts))
         if args.attribute_scale:
             if classifier is None:
                 raise ValueError("--prompts needs the digits classifier (--classifier, or the digits feature network)")
