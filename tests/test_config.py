@@ -99,6 +99,7 @@ BAD_VALUES = [
     ("experiments.tiny_var.sample.dd_steps", [3], ["dd_steps"]),                         # more steps than timesteps
     ("experiments.tiny_var.sample.skip", [6], ["skip"]),                                 # skips every step
     ("experiments.tiny_var.sample.dd_teacher_starts", [4], ["dd_teacher_starts"]),       # starts at/after m
+    ("experiments.tiny_var.sample.split_step", 7, ["split_step", "1 to 6"]),             # beyond the last step
     ("experiments.tiny_var.evaluation.reference", "fid_imagenet256", ["reference"]),     # wrong reference
     ("experiments.tiny_var.ablations.pair_set_sizes", [800], ["pair_set_sizes"]),        # not whole shards
     ("experiments.tiny_var.ablations.timesteps", [[1, 4]], ["already distilled"]),       # duplicate run
@@ -243,3 +244,19 @@ def test_prompts_are_refused_for_a_class_conditional_teacher():
     msg = problems_of(config)
     assert "experiments.tiny_llamagen.prompts" in msg and "text-to-image teachers only" in msg
     assert "experiments.tiny_var.sample.onestep_pairs" in msg and "only text-to-image onestep*" in msg
+
+
+@pytest.mark.parametrize("split_step", [None, 2, 6])
+def test_split_step_reaches_every_dd_sample_job(split_step):
+    """sample.split_step sets where every DD and teacher-involved set hands over from logits to embeddings; null
+    keeps the student's last distilled timestep."""
+    config = mutated("experiments.tiny_var.sample.split_step", split_step)
+    checked = ddconfig.check_config(config, base_dir=REPO)
+    exp = checked["experiments"]["tiny_var"]
+    plan = ddplan.plan("tiny_var", exp, REPO)
+    expected = split_step or exp["distill"]["timesteps"][-1]
+    dd_sets = [s for s in plan.sets.values() if s.method in ("dd", "dd-teacher")]
+    assert len(dd_sets) >= 4
+    for s in dd_sets:
+        i = s.args.index("--split-step")
+        assert s.args[i + 1] == str(expected), (s.name, s.args)

@@ -145,11 +145,14 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
             onestep_shards = [f"results/{name}/onestep_pairs/shard_{i:05d}.bin"
                               for i in range(sample["onestep_pairs"] // exp["pairs"]["shard_size"])]
     student_run = None if student_file else "main"
-    if student_file:  # a released student splits where its release's sampling script does
+    # where the student hands over from logits to embeddings: sample.split_step, else a released student's release
+    # split (its sampling script's) and a distilled student's last trained timestep
+    split_step = sample["split_step"]
+    if student_file:
         split = ["--released-student", "--split-step",
-                 str(released_students()[teacher["released_student"]].split_step)]
-    else:  # a distilled student hands over from logits to embeddings at its last trained timestep
-        split = ["--split-step", str(ts[-1])]
+                 str(split_step or released_students()[teacher["released_student"]].split_step)]
+    else:
+        split = ["--split-step", str(split_step or ts[-1])]
     for k in sorted(sample["dd_steps"]):
         sets[f"dd-{k}step"] = SampleSet(f"dd-{k}step", "dd", ["--steps", *map(str, ts[:k]), *split], student_run)
     for n in sorted(sample["dd_teacher_starts"]):
