@@ -298,9 +298,9 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
             if n >= steps:
                 problems.append((f"{k}.sample.skip[{i}]", f"skip-{n} leaves no step of the teacher's {steps}; "
                                  f"allowed: 1 to {steps - 1}"))
-    if steps is not None and sample["split_step"] is not None and not 1 <= sample["split_step"] <= steps:
-        problems.append((f"{k}.sample.split_step", f"{sample['split_step']} is not a step of the teacher; allowed: "
-                         f"1 to {steps}"))
+        if sample["split_step"] is not None and not 1 <= sample["split_step"] <= steps:
+            problems.append((f"{k}.sample.split_step", f"{sample['split_step']} is not a step of the teacher; "
+                             f"allowed: 1 to {steps}"))
     for i, n in enumerate(sample["dd_steps"]):
         if n > len(ts):
             problems.append((f"{k}.sample.dd_steps[{i}]", f"a {n}-step DD set needs {n} distilled timesteps, "

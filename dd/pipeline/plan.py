@@ -147,12 +147,9 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
     student_run = None if student_file else "main"
     # where the student hands over from logits to embeddings: sample.split_step, else a released student's release
     # split (its sampling script's) and a distilled student's last trained timestep
-    split_step = sample["split_step"]
-    if student_file:
-        split = ["--released-student", "--split-step",
-                 str(split_step or released_students()[teacher["released_student"]].split_step)]
-    else:
-        split = ["--split-step", str(split_step or ts[-1])]
+    default_split = released_students()[teacher["released_student"]].split_step if student_file else ts[-1]
+    split = (["--released-student"] if student_file else []) + ["--split-step",
+                                                                 str(sample["split_step"] or default_split)]
     for k in sorted(sample["dd_steps"]):
         sets[f"dd-{k}step"] = SampleSet(f"dd-{k}step", "dd", ["--steps", *map(str, ts[:k]), *split], student_run)
     for n in sorted(sample["dd_teacher_starts"]):
