@@ -260,3 +260,5 @@ def test_split_step_reaches_every_dd_sample_job(split_step):
     for s in dd_sets:
         i = s.args.index("--split-step")
         assert s.args[i + 1] == str(expected), (s.name, s.args)
+    # the periodic FID of every distillation run (the ablation figures') splits where the sample sets do
+    assert {r.eval_split_step for r in plan.runs.values()} == {split_step}, plan.runs

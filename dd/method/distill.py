@@ -495,6 +495,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="FID of 1-/2-step samples every N steps")
     parser.add_argument("--eval-reference", type=Path, help="reference sample set .npz for --eval-every")
     parser.add_argument("--eval-num", type=int, default=200)
+    parser.add_argument("--eval-split-step", type=int, default=None,
+                        help="--eval-every samples: the AR step from which tokens are the student's embeddings "
+                             "(default: the last --timesteps entry), as dd sample --split-step")
     parser.add_argument("--classifier", type=Path, help="digits classifier (feature network for --eval-every)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -512,8 +515,12 @@ def config_from_args(args) -> DistillConfig:
         cpu_amp=cpu_amp_wanted(args.cpu_amp, args.device))
 
 
-def make_fid_eval(teacher, cfg: DistillConfig, reference: Path, classifier: Path, num: int, seed: int):
-    """eval_fn for ``distill``: FID (digits-classifier features) of 1-step and 2-step samples."""
+def make_fid_eval(teacher, cfg: DistillConfig, reference: Path, classifier: Path, num: int, seed: int,
+                  split_step: int | None = None):
+    """eval_fn for ``distill``: FID (digits-classifier features) of 1-step and 2-step samples, their tokens codes
+    before ``split_step`` (default: the last distilled timestep) and embeddings from it on, as ``dd sample
+    --split-step`` makes them."""
+    split_step = split_step or cfg.timesteps[-1]
     import tempfile
 
     from dd.evaluation.metrics import evaluate_sample_set
@@ -530,7 +537,7 @@ def make_fid_eval(teacher, cfg: DistillConfig, reference: Path, classifier: Path
         out = {}
         for name, path in paths.items():
             with torch.no_grad():
-                x, _ = dd_sample(model, teacher, labels, noise.to(teacher.codebook.device), path, cfg.timesteps[-1])
+                x, _ = dd_sample(model, teacher, labels, noise.to(teacher.codebook.device), path, split_step)
                 images = teacher.decode_embeddings(x).cpu()
             with tempfile.TemporaryDirectory() as d:
                 write_sample_set(Path(d) / "s.npz", images, labels)
@@ -564,14 +571,16 @@ def main(args) -> int:
     problem = timestep_problem(cfg.timesteps, teacher.n_steps)
     if problem:
         raise DistillError(f"--timesteps: {problem}")
+    if args.eval_split_step is not None and not 1 <= args.eval_split_step <= teacher.n_steps:
+        raise DistillError(f"--eval-split-step {args.eval_split_step}: the teacher has AR steps 1..{teacher.n_steps}")
     pairs = PairSet.from_index(args.pairs, teacher, teacher_id, args.num_shards)
     student = new_student(teacher, cfg.seed, cfg.student_config)
     ckpt = Path(args.out) / "last.pt"
     resume_step = load_checkpoint(ckpt)["step"] if ckpt.is_file() else None
     logger = JsonlLogger(args.metrics_jsonl or Path(args.out) / "metrics.jsonl", resume_step=resume_step)
     logger.log_params({"distill": asdict(cfg), "teacher_id": teacher_id, "pairs": len(pairs)})
-    eval_fn = (make_fid_eval(teacher, cfg, args.eval_reference, args.classifier, args.eval_num, args.seed)
-               if args.eval_every else None)
+    eval_fn = (make_fid_eval(teacher, cfg, args.eval_reference, args.classifier, args.eval_num, args.seed,
+                             args.eval_split_step) if args.eval_every else None)
     try:
         ck = distill(cfg, teacher, student, pairs, args.out, device=args.device, logger=logger, eval_fn=eval_fn,
                      eval_every=args.eval_every, progress=not args.no_progress)

@@ -36,6 +36,7 @@ class DistillRun:
     eval_every: int
     ablation: str | None = None  # "timesteps" (Fig. 6) / "pairs" (Fig. 7) / None (the main run)
     pairs: int = 0
+    eval_split_step: int | None = None  # its periodic FID's split (sample.split_step; None: its last timestep)
 
 
 @dataclass
@@ -121,17 +122,18 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
     ts = list(distill["timesteps"] if distill else released_students()[teacher["released_student"]].timesteps)
     runs: dict[str, DistillRun] = {}
     if student_file is None:
+        eval_split = sample["split_step"]   # the periodic FID splits where the sample sets do
         runs["main"] = DistillRun("main", ts, shards, distill["max_steps"], distill["epochs"], distill["eval_every"],
-                                  pairs=pairs["num_pairs"])
+                                  pairs=pairs["num_pairs"], eval_split_step=eval_split)
         ab = exp["ablations"]
         for abl in ab["timesteps"]:
             run = "timesteps-" + "-".join(map(str, abl))
             runs[run] = DistillRun(run, list(abl), shards, ab["max_steps"], None, ab["eval_every"], "timesteps",
-                                   pairs=pairs["num_pairs"])
+                                   pairs=pairs["num_pairs"], eval_split_step=eval_split)
         for size in ab["pair_set_sizes"]:
             run = f"pairs-{size}"
             runs[run] = DistillRun(run, ts, shards[: size // pairs["shard_size"]], ab["max_steps"], None,
-                                   ab["eval_every"], "pairs", pairs=size)
+                                   ab["eval_every"], "pairs", pairs=size, eval_split_step=eval_split)
 
     sets: dict[str, SampleSet] = {}
     if sample["teacher"]:

@@ -51,6 +51,8 @@ def distill_options(wildcards):
     if run.eval_every:
         opts.append(f"--eval-every {run.eval_every} --eval-reference {inputs['reference']} "
                     f"--classifier {inputs['classifier']}")
+        if run.eval_split_step:
+            opts.append(f"--eval-split-step {run.eval_split_step}")
     return " ".join(opts)
 
 
