@@ -262,3 +262,20 @@ def test_split_step_reaches_every_dd_sample_job(split_step):
         assert s.args[i + 1] == str(expected), (s.name, s.args)
     # the periodic FID of every distillation run (the ablation figures') splits where the sample sets do
     assert {r.eval_split_step for r in plan.runs.values()} == {split_step}, plan.runs
+
+
+@pytest.mark.parametrize("split_step", [None, 4])
+def test_split_step_reaches_a_released_students_sample_jobs(split_step):
+    """With a released DD student, null keeps the release's own split (its sampling script's); a set value replaces
+    it in every DD and teacher-involved set, and no distillation run exists to take it."""
+    config = yaml.safe_load((REPO / "config" / "released_dd.yaml").read_text())
+    exp = config["experiments"]["released_dd_var_d16"]
+    exp["sample"]["split_step"] = split_step
+    exp = ddconfig.check_config(config, base_dir=REPO)["experiments"]["released_dd_var_d16"]
+    plan = ddplan.plan("released_dd_var_d16", exp, REPO)
+    expected = split_step or ddplan.released_students()["dd_var_d16"].split_step
+    dd_sets = [s for s in plan.sets.values() if s.method in ("dd", "dd-teacher")]
+    assert len(dd_sets) == 5 and not plan.runs
+    for s in dd_sets:
+        assert "--released-student" in s.args, s.args
+        assert s.args[s.args.index("--split-step") + 1] == str(expected), (s.name, s.args)
