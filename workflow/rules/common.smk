@@ -9,6 +9,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from dd.pipeline import config as ddconfig
+from dd.pipeline.download import DIGITS_CLASSIFIER, SHIPPED_DIR
 from dd.pipeline.plan import plan
 from dd.pipeline.snakemake_locks import record_owner
 from dd.pipeline.track import ablation_figures, report_files

@@ -72,7 +72,7 @@ TINY = "results/tiny_teachers"
 # The teachers' reports (share of samples the classifier reads as their class) use the shipped classifier, the fixed
 # feature network of every FID, not the one retrained beside them: a teacher retrained on another machine than the
 # classifier was then gets the same report, so its release file can still be reproduced bit for bit there.
-SHIPPED_CLASSIFIER = str(REPO / "releases" / "tiny" / "digits_classifier_16.safetensors")
+SHIPPED_CLASSIFIER = str(SHIPPED_DIR / f"{DIGITS_CLASSIFIER}.safetensors")   # the download rule's source
 
 
 def tiny_config(wildcards):
