@@ -711,3 +711,28 @@ def test_shipped_files_are_obtained_like_releases_and_a_replaced_one_is_refused(
     with pytest.raises(ChecksumError, match=r"tiny_var_tokenizer.*SHA-256 mismatch"):
         download("tiny_var_tokenizer", tmp_path / "b", progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_shipped_file_read_in_place_is_checked_against_the_shipped_lock(tmp_path):
+    """The tiny teachers' reports read the digits classifier straight from releases/tiny/ (not through the download
+    rule): that file is checked against releases/tiny/lock.json too, a replaced one refused with both digests, one the
+    lock does not list refused by name; files outside the folder are not the lock's business."""
+    from dd.pipeline.download import check_shipped_file
+
+    check_shipped_file(SHIPPED_DIR / "digits_classifier_16.safetensors")       # the shipped one passes
+    shipped = tmp_path / "releases"
+    shipped.mkdir()
+    good = b"the shipped classifier"
+    (shipped / "lock.json").write_text(json.dumps({"files": {"clf": {
+        "file": "clf.safetensors", "sha256": hashlib.sha256(good).hexdigest(), "size": len(good)}}}))
+    (shipped / "clf.safetensors").write_bytes(good)
+    check_shipped_file(shipped / "clf.safetensors", shipped)
+    (shipped / "clf.safetensors").write_bytes(b"the shipped classifieR")   # same size, other bytes
+    with pytest.raises(ChecksumError, match=r"clf\.safetensors: SHA-256 mismatch \(expected by .*lock\.json\): expected "
+                                            + hashlib.sha256(good).hexdigest()):
+        check_shipped_file(shipped / "clf.safetensors", shipped)
+    (shipped / "other.safetensors").write_bytes(good)
+    with pytest.raises(DownloadError, match=r"other\.safetensors: a file in .* that .*lock\.json does not list"):
+        check_shipped_file(shipped / "other.safetensors", shipped)
+    (tmp_path / "elsewhere.pt").write_bytes(b"anything")
+    check_shipped_file(tmp_path / "elsewhere.pt", shipped)

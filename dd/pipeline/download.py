@@ -178,6 +178,21 @@ def verify_file(path: str | os.PathLike, sha256: str | None = None, *, size: int
     return actual
 
 
+def check_shipped_file(path: str | os.PathLike, shipped_dir: Path = SHIPPED_DIR) -> None:
+    """A file read straight from the shipped releases folder (``releases/tiny/``) must be the one its ``lock.json``
+    records, as the ``download`` rule's copy is: raises ``ChecksumError`` naming the file, the lock and both digests
+    (or ``DownloadError`` when the lock does not list it). Files elsewhere are not checked."""
+    path = Path(path)
+    if path.resolve().parent != Path(shipped_dir).resolve():
+        return
+    lock_file = Path(shipped_dir) / "lock.json"
+    entries = json.loads(lock_file.read_text())["files"] if lock_file.is_file() else {}
+    entry = next((e for e in entries.values() if e.get("file") == path.name), None)
+    if entry is None:
+        raise DownloadError(f"{path}: a file in {shipped_dir} that {lock_file} does not list")
+    verify_file(path, entry["sha256"], size=entry.get("size"), source=str(lock_file))
+
+
 def _describe(error: BaseException) -> str:
     """One line: the exception and the chain of its explicit causes. The library wraps e.g. an HTTP 500 in a generic
     "cannot find the file in the local cache" error, and the cause is the useful part; a cause that only repeats

@@ -328,5 +328,9 @@ def main(args) -> int:
     if args.command == "train-tokenizer":
         train_tokenizer(cfg, args.out)
     else:
+        if args.classifier is not None:   # the shipped classifier (the tiny_teachers target's judge) as locked
+            from dd.pipeline.download import check_shipped_file
+
+            check_shipped_file(args.classifier)
         train_teacher(cfg, args.tokenizer, args.out, args.classifier)
     return 0

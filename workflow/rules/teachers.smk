@@ -71,7 +71,9 @@ rule random_weights:
 TINY = "results/tiny_teachers"
 # The teachers' reports (share of samples the classifier reads as their class) use the shipped classifier, the fixed
 # feature network of every FID, not the one retrained beside them: a teacher retrained on another machine than the
-# classifier was then gets the same report, so its release file can still be reproduced bit for bit there.
+# classifier was then gets the same report, so its release file can still be reproduced bit for bit there. Read in
+# place (a job's output would make its teachers retrain whenever resources/ is rebuilt), the commands check it against
+# releases/tiny/lock.json before training (dd.pipeline.download.check_shipped_file), as the download rule checks its copy.
 SHIPPED_CLASSIFIER = str(SHIPPED_DIR / f"{DIGITS_CLASSIFIER}.safetensors")   # the download rule's source
 
 
