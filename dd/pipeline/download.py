@@ -101,10 +101,15 @@ SHIPPED_LOCK = SHIPPED_DIR / "lock.json"
 DIGITS_CLASSIFIER = "digits_classifier_16"
 
 
+def shipped_lock_entries(lock_file: Path = SHIPPED_LOCK) -> dict[str, dict]:
+    """Release name -> its ``lock.json`` entry (file, sha256, size, ...) of a shipped releases folder; {} without one."""
+    return json.loads(lock_file.read_text())["files"] if lock_file.is_file() else {}
+
+
 def shipped_releases(lock_file: Path = SHIPPED_LOCK) -> list[ShippedRelease]:
     """The shipped files: every family's digits teacher (tokenizer and transformer) and the digits classifier, with
     the digests ``releases/tiny/lock.json`` records."""
-    entries = json.loads(lock_file.read_text())["files"] if lock_file.is_file() else {}
+    entries = shipped_lock_entries(lock_file)
     names = [DIGITS_CLASSIFIER] + [name for f in FAMILIES.values() for t in f.released_teachers.values()
                                    if not t.original_format for name in (t.tokenizer, t.model, t.text_encoder) if name]
     names = list(dict.fromkeys(names))     # teachers may share a tokenizer
@@ -186,8 +191,7 @@ def check_shipped_file(path: str | os.PathLike, shipped_dir: Path = SHIPPED_DIR)
     if path.resolve().parent != Path(shipped_dir).resolve():
         return
     lock_file = Path(shipped_dir) / "lock.json"
-    entries = json.loads(lock_file.read_text())["files"] if lock_file.is_file() else {}
-    entry = next((e for e in entries.values() if e.get("file") == path.name), None)
+    entry = next((e for e in shipped_lock_entries(lock_file).values() if e.get("file") == path.name), None)
     if entry is None:
         raise DownloadError(f"{path}: a file in {shipped_dir} that {lock_file} does not list")
     verify_file(path, entry["sha256"], size=entry.get("size"), source=str(lock_file))
