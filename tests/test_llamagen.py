@@ -158,6 +158,25 @@ def test_kv_cached_probs_equal_teacher_forced(teacher, sampling):
     torch.testing.assert_close(_kv_probs(teacher, labels, idx, sampling, prefix=6), kv[:, 6:], atol=1e-4, rtol=0)
 
 
+def test_token_probs_in_row_groups_equal_the_kv_cached_steps(teacher, monkeypatch):
+    """teacher_nll_bits' token probabilities: teacher-forced passes over groups of rows (here 2 rows a pass, the
+    budget cut to force several groups) give the KV-cached steps' numbers in one network call per group."""
+    from dd.method.teacher import Teacher
+
+    labels, sampling = torch.tensor([0, 3, 9, 4, 1]), SamplingConfig(cfg_scale=2.0, top_k=20)
+    idx = teacher.sample(labels, sampling, torch.Generator().manual_seed(2))
+    stepped = Teacher.token_probs(teacher, idx, labels, sampling)
+    monkeypatch.setattr(LlamaGenTeacher, "FORCED_LOGITS_BUDGET", 2 * 16 * 64 * 2)
+    calls = []
+    handle = teacher.gpt.layers[0].register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+    try:
+        grouped = teacher.token_probs(idx, labels, sampling)
+    finally:
+        handle.remove()
+    assert calls == [4, 4, 2]          # rows 2 + 2 + 1, each doubled by CFG
+    torch.testing.assert_close(grouped, stepped, atol=1e-5, rtol=1e-4)
+
+
 def test_prefix_prefill_is_one_pass_and_repeatable(teacher):
     labels, sampling = torch.tensor([1, 2]), SamplingConfig(cfg_scale=2.0)
     idx = teacher.sample(labels, sampling, torch.Generator().manual_seed(1))

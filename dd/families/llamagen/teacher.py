@@ -136,6 +136,21 @@ class LlamaGenTeacher(Teacher):
             logits = self.gpt(idx[:, :-1], cond, cond_mask=cond_mask)
         return logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
+    # a teacher-forced pass holds [rows, n_tokens, V] logits (twice the rows under CFG): the rows of one pass are
+    # capped so that these stay near 2**26 floats (256 MiB) at any vocabulary (16,384 codes: 8 rows of 256 tokens)
+    FORCED_LOGITS_BUDGET = 2 ** 26
+
+    @torch.no_grad()
+    def token_probs(self, idx: torch.Tensor, labels: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """``Teacher.token_probs`` from teacher-forced full-sequence passes (``teacher_forced_probs``, equal to the
+        KV-cached steps: tests/test_llamagen.py) over groups of rows: one network call per group instead of one per
+        token, which is what makes ``teacher_nll_bits`` cheap beside sampling (256 calls per batch at 256 px)."""
+        idx, labels = idx.long().to(self.device), labels.long().to(self.device)
+        per_row = idx.shape[1] * self.codebook.shape[0] * (2 if sampling.cfg_scale > 1.0 else 1)
+        rows = max(1, self.FORCED_LOGITS_BUDGET // per_row)
+        return torch.cat([self.teacher_forced_probs(i, y, sampling).gather(-1, i.unsqueeze(-1)).squeeze(-1)
+                          for i, y in zip(idx.split(rows), labels.split(rows))])
+
     # --- tokens <-> images ---------------------------------------------------------------------
     def decode_embeddings(self, emb: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """[B, n, C] raster-order vectors (continuous allowed, not re-quantised) -> images in [-1, 1]
