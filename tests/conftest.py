@@ -21,6 +21,18 @@ def golden_dir(family: str) -> Path:
     return d
 
 
+# .ci/run runs the tests on two pytest-xdist workers with whole files to one worker (--dist loadfile: a module's
+# fixture, such as test_pipeline's full run, is built once). The files with the longest tests (the LlamaGen-B
+# rehearsal, the tiny-teacher retrain, the pipeline runs) go first, so that the two workers end together; the rest
+# keep their order.
+SLOWEST_FILES_FIRST = ("test_rehearsal.py", "test_tiny_teachers.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _deterministic_torch():
     import torch
