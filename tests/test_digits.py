@@ -112,3 +112,25 @@ def test_gaussian_blur_keeps_to_the_images_device():
     out = gaussian_blur(images.to("meta"), [1.0, 0.5])
     assert out.device.type == "meta" and out.shape == images.shape
     assert torch.allclose(gaussian_blur(images, 0), images, atol=1e-6)
+
+
+def test_transform_digits_identity_is_load_digits_images_and_moves_the_measured_attributes():
+    from dd.evaluation import digit_prompts as dp
+    from dd.evaluation.digits import load_digits_pixels, transform_digits
+
+    pixels, labels = load_digits_pixels("train")
+    images, image_labels = load_digits_images(16, "train")
+    assert torch.equal(labels, image_labels)
+    n = len(pixels)
+    one, zero, still = torch.ones(n), torch.zeros(n), torch.zeros(n, 2, dtype=torch.long)
+    torch.testing.assert_close(transform_digits(pixels, 16, one, zero, still), images, atol=1e-5, rtol=0)
+    base = dp.measure(images.numpy())
+    bigger = dp.measure(transform_digits(pixels, 16, one * 1.08, zero, still).numpy())
+    smaller = dp.measure(transform_digits(pixels, 16, one / 1.08, zero, still).numpy())
+    assert (bigger[:, 2] > base[:, 2]).mean() > 0.95 and (smaller[:, 2] < base[:, 2]).mean() > 0.95
+    # positive shear leans the top left: the slant measure (right = positive) falls by about the shear
+    sheared = dp.measure(transform_digits(pixels, 16, one, zero + 0.1, still).numpy())
+    assert abs(np.mean(sheared[:, 1] - base[:, 1]) + 0.1) < 0.02
+    # a whole-pixel shift moves the image and leaves the ink where it was relative to itself
+    moved = transform_digits(pixels[:5], 16, one[:5], zero[:5], torch.tensor([[1, 0]] * 5))
+    torch.testing.assert_close(moved[..., 2:-1], images[:5, ..., 1:-2], atol=1e-5, rtol=0)

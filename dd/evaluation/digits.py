@@ -83,6 +83,33 @@ def load_digits_images(
     return images, torch.from_numpy(labels[idx].copy())
 
 
+def load_digits_pixels(split: str = "train", seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grey values float32 [N, 1, 8, 8] in [0, 1], labels int64 [N]): the 8x8 source of ``load_digits_images``."""
+    pixels, labels = _raw_digits()
+    idx = split_indices(labels, split, seed, test_fraction)
+    return torch.from_numpy(pixels[idx].astype(np.float32) / 16.0).unsqueeze(1), torch.from_numpy(labels[idx].copy())
+
+
+def transform_digits(pixels01: torch.Tensor, size: int, zoom: torch.Tensor, shear: torch.Tensor,
+                     shift: torch.Tensor) -> torch.Tensor:
+    """8x8 digits [N, 1, 8, 8] in [0, 1] resampled once to images [N, 3, size, size] in [-1, 1] through an affine map
+    of each: zoomed by ``zoom`` [N] about the centre, sheared by ``shear`` [N] (a point moves right by shear times
+    its height below the centre: positive leans the top left), moved by ``shift`` [N, 2] output pixels (x, y).
+    Bilinear with border values as ``load_digits_images``, which is the identity map of this one."""
+    n = pixels01.shape[0]
+    # affine_grid maps each output position to the input position it reads: the inverse map, S^-1 (p - t) / zoom
+    inv = torch.zeros(n, 2, 3)
+    inv[:, 0, 0] = 1.0
+    inv[:, 0, 1] = -shear
+    inv[:, 1, 1] = 1.0
+    t = shift.float() * 2.0 / size                                          # output pixels -> normalised units
+    inv[:, :, 2] = -torch.einsum("nij,nj->ni", inv[:, :, :2], t)
+    inv = inv / zoom.float()[:, None, None]
+    grid = F.affine_grid(inv, [n, 1, size, size], align_corners=False)
+    grey = F.grid_sample(pixels01, grid, mode="bilinear", padding_mode="border", align_corners=False).clamp(0.0, 1.0)
+    return (grey * 2.0 - 1.0).expand(-1, 3, -1, -1).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Corruptions of images in [-1, 1]: the feature network's training augmentations and its validation
 # ---------------------------------------------------------------------------------------------------------------
