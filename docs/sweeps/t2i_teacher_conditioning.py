@@ -2,6 +2,8 @@
 
     python docs/sweeps/t2i_teacher_conditioning.py        # about a minute on one core; prints one JSON line each
 
+0. The ceiling: prompt accuracy of the evaluation prompts' own test digits, as they are and as the shipped tokenizer
+   reconstructs them (what a teacher that draws the right digit with the right attributes could reach).
 1. The encoder: a linear probe (logistic regression) on each caption's mean RMS-normalised features (what LlamaGen's
    caption positions hand the GPT) predicts the digit and each attribute word; fitted on the training digits'
    captions (training phrasings), scored there and on the test digits' captions (held-out phrasings).
@@ -47,6 +49,14 @@ def main() -> None:
     test, test_labels = load_digits_images(16, "test")
     scale = dp.AttributeScale.fit(dp.measure(train.numpy()), train_labels.numpy())
 
+    # 0. the ceiling: the evaluation prompts' own digits, real and through the tokenizer
+    rows = dp.prompt_rows(test.numpy(), test_labels.numpy(), scale, "eval")
+    own = test[[int(r["image"]) for r in rows]]
+    with torch.no_grad():
+        reconstructed = base.decode_indices(base.tokenizer.encode(own)[1].flatten(1))
+    for name, images in {"real": own, "tokenizer reconstruction": reconstructed}.items():
+        report_accuracy(f"test digits, {name}", images, rows, classifier, scale)
+
     # 1. linear probe of the pooled caption features
     pooled = {}
     for name, (x, y, split) in {"train": (train, train_labels, "train"), "test": (test, test_labels, "eval")}.items():
@@ -82,14 +92,19 @@ def main() -> None:
             idx = torch.cat([teacher.sample(b, SamplingConfig(cfg_scale=2.0), torch.Generator().manual_seed(k))
                              for k, b in enumerate(torch.arange(len(rows)).split(129))])
             images = teacher.decode_indices(idx)
-        pred = classify(classifier, images).numpy()
-        ok = dp.prompt_accuracy(images.numpy(), pred, rows, scale)
-        values = dp.measure(images.numpy())
-        words = {a: float(np.mean([dp.satisfies({a: r[a]}, values[i], int(r["digit"]), scale)
-                                   for i, r in enumerate(rows) if r[a]])) for a in dp.ATTRIBUTES}
-        digit = float((pred == np.array([int(r["digit"]) for r in rows])).mean())
-        print(json.dumps({"prompts": name, "n": len(rows), "prompt_accuracy": float(ok.mean()),
-                          "se": float(ok.std(ddof=1) / np.sqrt(len(ok))), "digit": digit, **words}))
+        report_accuracy(name, images, rows, classifier, scale)
+
+
+def report_accuracy(name, images, rows, classifier, scale) -> None:
+    """One JSON line: prompt accuracy of images [i] for prompt rows [i], and per fact."""
+    pred = classify(classifier, images).numpy()
+    ok = dp.prompt_accuracy(images.numpy(), pred, rows, scale)
+    values = dp.measure(images.numpy())
+    words = {a: float(np.mean([dp.satisfies({a: r[a]}, values[i], int(r["digit"]), scale)
+                               for i, r in enumerate(rows) if r[a]])) for a in dp.ATTRIBUTES}
+    digit = float((pred == np.array([int(r["digit"]) for r in rows])).mean())
+    print(json.dumps({"prompts": name, "n": len(rows), "prompt_accuracy": float(ok.mean()),
+                      "se": float(ok.std(ddof=1) / np.sqrt(len(ok))), "digit": digit, **words}))
 
 
 if __name__ == "__main__":
