@@ -8,15 +8,15 @@ seeds; one JSON line per teacher. The README's comparison of train.attribute_aug
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from t2i_teacher_conditioning import report_accuracy  # this folder, on sys.path when run as a script
 
 from dd.evaluation import digit_prompts as dp
-from dd.evaluation.classifier import classify, load_classifier
+from dd.evaluation.classifier import load_classifier
 from dd.evaluation.digits import load_digits_images
 from dd.families.llamagen.checkpoints import load_teacher
 from dd.families.llamagen.teacher import LlamaGenT2ITeacher
@@ -45,15 +45,7 @@ def main(paths: list[str]) -> None:
             idx = torch.cat([teacher.sample(b, SamplingConfig(cfg_scale=2.0), torch.Generator().manual_seed(k))
                              for k, b in enumerate(torch.arange(len(rows)).split(len(prompts)))])
             images = teacher.decode_indices(idx)
-        pred = classify(classifier, images).numpy()
-        ok = dp.prompt_accuracy(images.numpy(), pred, rows, scale)
-        values = dp.measure(images.numpy())
-        words = {a: float(np.mean([dp.satisfies({a: r[a]}, values[i], int(r["digit"]), scale)
-                                   for i, r in enumerate(rows) if r[a]])) for a in dp.ATTRIBUTES}
-        digit = float((pred == np.array([int(r["digit"]) for r in rows])).mean())
-        print(json.dumps({"teacher": str(path), "n": len(rows), "prompt_accuracy": float(ok.mean()),
-                          "se": float(ok.std(ddof=1) / np.sqrt(len(ok))), "digit": digit, **words}))
-
+        report_accuracy(str(path), images, rows, classifier, scale, key="teacher")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:

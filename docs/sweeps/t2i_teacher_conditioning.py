@@ -95,15 +95,15 @@ def main() -> None:
         report_accuracy(name, images, rows, classifier, scale)
 
 
-def report_accuracy(name, images, rows, classifier, scale) -> None:
-    """One JSON line: prompt accuracy of images [i] for prompt rows [i], and per fact."""
+def report_accuracy(name, images, rows, classifier, scale, key: str = "prompts") -> None:
+    """One JSON line ({key: name, ...}): prompt accuracy of images [i] for prompt rows [i], and per fact."""
     pred = classify(classifier, images).numpy()
     ok = dp.prompt_accuracy(images.numpy(), pred, rows, scale)
     values = dp.measure(images.numpy())
     words = {a: float(np.mean([dp.satisfies({a: r[a]}, values[i], int(r["digit"]), scale)
                                for i, r in enumerate(rows) if r[a]])) for a in dp.ATTRIBUTES}
     digit = float((pred == np.array([int(r["digit"]) for r in rows])).mean())
-    print(json.dumps({"prompts": name, "n": len(rows), "prompt_accuracy": float(ok.mean()),
+    print(json.dumps({key: name, "n": len(rows), "prompt_accuracy": float(ok.mean()),
                       "se": float(ok.std(ddof=1) / np.sqrt(len(ok))), "digit": digit, **words}))
 
 
