@@ -234,9 +234,42 @@ def test_t2i_caption_padding_is_invisible(t2i_gpt):
     assert (t2i_gpt(idx, moved, cond_mask=mask)[1] - logits[1]).abs().max() > 1e-3
 
 
+def _positions_run(model) -> list[int]:
+    """Records the sequence length the first block is given, call by call."""
+    lengths = []
+    model.layers[0].register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    return lengths
+
+
+def test_t2i_caption_padding_shared_by_a_batch_is_not_run_and_changes_nothing():
+    torch.manual_seed(0)
+    gpt = GPT(T2I_GPT)
+    randomise(gpt, 2)
+    gpt.eval().requires_grad_(False)
+    run = _positions_run(gpt)
+    caption, mask = left_padded_captions([7, 30, 120], 12)
+    idx = torch.randint(0, 32, (3, 15), generator=torch.Generator().manual_seed(1))
+    full = gpt(idx, caption, cond_mask=mask)                      # one row fills all 120 positions: nothing dropped
+    short = gpt(idx[:2], caption[:2], cond_mask=mask[:2])         # rows of 7 and 30 valid positions: 90 dropped
+    assert run == [120 + 15, 30 + 15]
+    torch.testing.assert_close(short, full[:2], atol=1e-5, rtol=0)
+    # the null caption of a trimmed batch (CFG's other half) is the null caption's last positions, as in full
+    null = gpt(idx[:2], gpt.null_condition(caption[:2]), cond_mask=mask[:2])
+    null_full = gpt(idx, gpt.null_condition(caption), cond_mask=mask)
+    torch.testing.assert_close(null, null_full[:2], atol=1e-5, rtol=0)
+    # training drops whole captions to the null caption: a trimmed batch takes the same null positions
+    gpt.cls_embedding.drop_prob = 1.0
+    gpt.train()
+    for module in gpt.modules():                                  # dropout off, caption dropout on
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    torch.testing.assert_close(gpt(idx[:2], caption[:2], cond_mask=mask[:2]), null, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[120, 30], [7, 30]], ids=["full", "trimmed"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_t2i_kv_cached_generation_equals_teacher_forcing(t2i_gpt, cfg_scale):
-    caption, mask = left_padded_captions([120, 30], 12)
+def test_t2i_kv_cached_generation_equals_teacher_forcing(t2i_gpt, cfg_scale, lengths):
+    caption, mask = left_padded_captions(lengths, 12)
     sampling = SamplingConfig(cfg_scale=cfg_scale, top_k=8)
     tokens, logits = golden_llamagen._generate_t2i(t2i_gpt, caption, mask, sampling, seed=3)
     assert tokens.shape == (2, 16) and logits.shape == (2, 16, 32)
@@ -551,6 +584,15 @@ def test_text_to_image_student_reads_captions_by_prompt_row_and_ignores_their_pa
                           torch.tensor([0, 1, 0, 1]), None)["loss"]
     loss.backward()
     assert student.cls_embedding.cap_proj.fc1.weight.grad.abs().sum() > 0
+    # caption padding that all rows of a batch share is not run, and changes nothing (row 3 fills all 120)
+    teacher4 = _t2i_teacher(prompts=4)
+    student4 = DDStudent.from_teacher(teacher4).eval()
+    run = _positions_run(student4)
+    rows = torch.tensor([0, 1, 2, 3])
+    full = student4(x, rows, t)
+    short = student4(x[:3], rows[:3], t[:3])
+    assert run == [120 + 16, 30 + 16]
+    torch.testing.assert_close(short, (full[0][:3], full[1][:3]), atol=1e-5, rtol=0)
     # a student rebuilt from its config (as load_student does) gets the prompts from its teacher
     rebuilt = get_family("llamagen").bind_to_teacher(DDStudent(student.config), teacher)
     rebuilt.load_state_dict(student.state_dict())

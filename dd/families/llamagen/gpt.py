@@ -178,6 +178,7 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.key_valid: torch.Tensor | None = None  # t2i: [B, capacity] positions a query may see
+        self.position_offset = 0                    # t2i: caption padding dropped before position 0
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, heads, S, head_dim] after the filled positions; return all filled ones."""
@@ -309,7 +310,8 @@ class CaptionEmbedder(nn.Module):
             raise ValueError(f"captions must be [B, T, {self.uncond_embedding.shape[1]}], got {tuple(captions.shape)}")
         if self.training and self.drop_prob > 0:
             drop = torch.rand(captions.shape[0], device=captions.device) < self.drop_prob
-            captions = torch.where(drop[:, None, None], self.uncond_embedding.to(captions.dtype), captions)
+            null = self.uncond_embedding[-captions.shape[1]:].to(captions.dtype)  # captions may come trimmed
+            captions = torch.where(drop[:, None, None], null, captions)
         return self.cap_proj(captions)
 
 
@@ -342,20 +344,38 @@ class _Backbone(nn.Module):
         return self.freqs_cis[start:start + length]
 
     def _key_valid(self, cond_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """[B, cls_token_num + block_size] visibility of each position as a key (t2i caption mask)."""
+        """[B, n + block_size] visibility of each position as a key (t2i caption mask), for the mask [B, n] of the
+        caption positions run (``drop_caption_padding``'s)."""
         if cond_mask is None:
             return None
         if not self.config.text_conditional:
             raise ValueError("cond_mask applies to text-to-image models only")
-        n_cls = self.config.cls_token_num
-        if cond_mask.ndim != 2 or cond_mask.shape[1] < n_cls:
-            raise ValueError(f"cond_mask must be [B, >= {n_cls}], got {tuple(cond_mask.shape)}")
-        valid = cond_mask[:, :n_cls] > 0
+        valid = cond_mask > 0
         return torch.cat([valid, valid.new_ones(valid.shape[0], self.config.block_size)], dim=1)
 
+    def drop_caption_padding(self, captions: torch.Tensor, cond_mask: torch.Tensor | None):
+        """(captions, cond_mask, position_offset) without the leading caption positions that are padding in every row.
+
+        Exact, not an approximation: caption positions carry no rotary angle (their rows of the RoPE table are
+        zero), so they are interchangeable, and a padding position is hidden as a key from every query but its
+        own, so nothing else reads it. What is dropped is compute: 120 T5 positions of which a short caption
+        fills few (the tiny default's captions are 17-65 of them). The image positions keep their rotary angles
+        through ``position_offset``. Only the outputs' rounding can differ from the full layout.
+        """
+        n_cls = self.config.cls_token_num
+        captions = captions[:, :n_cls]
+        if cond_mask is None:
+            return captions, None, 0
+        if cond_mask.ndim != 2 or cond_mask.shape[1] < n_cls:
+            raise ValueError(f"cond_mask must be [B, >= {n_cls}], got {tuple(cond_mask.shape)}")
+        used = (cond_mask[:, :n_cls] > 0).any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else n_cls - 1  # keep the last position at least
+        return captions[:, first:], cond_mask[:, first:n_cls], first
+
     def run_blocks(self, h: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                   key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        rope = self.rope(start, h.shape[1], h.device)
+                   key_valid: torch.Tensor | None = None, position_offset: int = 0) -> torch.Tensor:
+        """``position_offset``: positions of the full layout dropped before h's first (``drop_caption_padding``)."""
+        rope = self.rope(position_offset + start, h.shape[1], h.device)
         for layer in self.layers:
             h = layer(h, rope, cache, key_valid)
         return h
@@ -409,10 +429,11 @@ class GPT(_Backbone):
         with cond and n tokens gives n + 1 positions. With ``cache``, the input continues the cached
         sequence (pass ``cond`` / ``cond_mask`` only with its first chunk) and the cache is extended.
         """
-        cfg = self.config
-        parts = []
+        parts, offset = [], 0
         if cond is not None:
-            parts.append(self.cls_embedding(cond)[:, :cfg.cls_token_num])
+            if self.config.text_conditional:
+                cond, cond_mask, offset = self.drop_caption_padding(cond, cond_mask)
+            parts.append(self.cls_embedding(cond)[:, :self.config.cls_token_num])
         if idx is not None:
             parts.append(self.tok_embeddings(idx))
         if not parts:
@@ -422,13 +443,15 @@ class GPT(_Backbone):
             raise ValueError("the condition goes with the first chunk of a sequence, and only with it")
         key_valid = self._key_valid(cond_mask) if start == 0 else cache.key_valid
         if cache is not None and start == 0:
-            cache.key_valid = key_valid
+            cache.key_valid, cache.position_offset = key_valid, offset
+        elif cache is not None:
+            offset = cache.position_offset
         h = self.tok_dropout(torch.cat(parts, dim=1))
-        h = self.run_blocks(h, start, cache, key_valid)
+        h = self.run_blocks(h, start, cache, key_valid, offset)
         if cache is not None:
             cache.length += h.shape[1]
         if cond is not None:
-            h = h[:, cfg.cls_token_num - 1:]  # condition positions before the last predict nothing
+            h = h[:, parts[0].shape[1] - 1:]  # condition positions before the last predict nothing
         return self.output(self.norm(h)).float()
 
     def training_loss(self, idx: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -86,10 +86,11 @@ class DDStudent(_Backbone):
         _init_linear_and_embedding(self, cfg.initializer_range)
         nn.init.zeros_(self.output.weight)
 
-    def noise_data_index(self, t: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """[B, n_cls + n] index into n_d_embed: 1 (data) for the condition positions and the first t tokens,
-        0 (noise) after (the class-conditional n_cls is 1: sequence index <= t)."""
-        n_cls = self.config.cls_token_num
+    def noise_data_index(self, t: torch.Tensor, n_tokens: int, n_cls: int | None = None) -> torch.Tensor:
+        """[B, n_cls + n] index into n_d_embed: 1 (data) for the n_cls condition positions run (default
+        cls_token_num) and the first t tokens, 0 (noise) after (the class-conditional n_cls is 1: sequence
+        index <= t)."""
+        n_cls = self.config.cls_token_num if n_cls is None else n_cls
         pos = torch.arange(n_cls + n_tokens, device=t.device)
         return (pos[None, :] < n_cls + t[:, None]).long()
 
@@ -103,29 +104,32 @@ class DDStudent(_Backbone):
 
     def condition(self, labels: torch.Tensor):
         """(condition positions [B, n_cls, D], keys each query may see [B, n_cls + block_size] or None, the one
-        vector [B, 1, D] that modulates the embedding head)."""
+        vector [B, 1, D] that modulates the embedding head, position offset). A text-to-image condition runs
+        without the caption padding that all its rows share (``drop_caption_padding``: exact), so its n_cls
+        positions are the last of the full layout's cls_token_num, after ``position_offset`` dropped ones."""
         if not self.config.text_conditional:
             cond = self.cls_embedding(labels)                                # [B, 1, D]
-            return cond, None, cond
+            return cond, None, cond, 0
         if getattr(self, "captions", None) is None:
             raise ValueError("a text-to-image student needs its prompt set: bind_prompts(captions, mask)")
         labels = labels.long().to(self.captions.device)
-        keys = self._key_valid(self.caption_mask[labels])                     # the GPT's caption mask
-        cond = self.cls_embedding(self.captions[labels])[:, :self.config.cls_token_num]
-        valid = keys[:, :self.config.cls_token_num].to(cond.dtype)[..., None]
+        captions, mask, offset = self.drop_caption_padding(self.captions[labels], self.caption_mask[labels])
+        keys = self._key_valid(mask)                                          # the GPT's caption mask
+        cond = self.cls_embedding(captions)
+        valid = mask.to(cond.dtype)[..., None]
         pooled = (cond * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-        return cond, keys, pooled
+        return cond, keys, pooled, offset
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
                 rows: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, n, C], labels [B], t [B] (AR step = number of given data tokens) ->
         (logits [B, n, V] float, embeddings [B, n, C] float), raw head outputs at every token; with
         ``rows`` = (logit_tokens, emb_tokens) only the logits and embeddings of those tokens."""
-        cond_tokens, keys, cond = self.condition(labels)
+        cond_tokens, keys, cond, offset = self.condition(labels)
+        n_cls = cond_tokens.shape[1]
         h = torch.cat([cond_tokens, self.tok_embeddings(x)], dim=1)
-        h = h + self.n_d_embed(self.noise_data_index(t.to(x.device).long(), x.shape[1]))
-        h = self.run_blocks(self.tok_dropout(h), key_valid=keys)
-        n_cls = self.config.cls_token_num
+        h = h + self.n_d_embed(self.noise_data_index(t.to(x.device).long(), x.shape[1], n_cls))
+        h = self.run_blocks(self.tok_dropout(h), key_valid=keys, position_offset=offset)
         if rows is not None:
             tokens = h[:, n_cls:]
             return (self.output(self.norm(tokens[:, rows[0]])).float(),
