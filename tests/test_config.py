@@ -62,6 +62,8 @@ def test_default_and_paper_configs_are_valid():
         checked = ddconfig.load_config(REPO / "config" / f"{name}.yaml", base_dir=REPO)
         for exp_name, exp in checked["experiments"].items():
             plan = ddplan.plan(exp_name, exp, REPO)
+            if "distill" in exp:   # the config checks name the sets the plan makes
+                assert list(plan.sets) == ddconfig.sample_set_names(exp["sample"], exp["distill"]["timesteps"])
             if "pairs" in exp and not exp["teacher"].get("released_student"):
                 assert len(plan.shards) == exp["pairs"]["num_pairs"] // exp["pairs"]["shard_size"]
 
@@ -279,3 +281,35 @@ def test_split_step_reaches_a_released_students_sample_jobs(split_step):
     for s in dd_sets:
         assert "--released-student" in s.args, s.args
         assert s.args[s.args.index("--split-step") + 1] == str(expected), (s.name, s.args)
+
+
+def test_num_by_set_samples_a_set_at_its_own_size_in_parts_of_the_common_size(tmp_path):
+    """sample.num_by_set: the set is drawn at its size and evaluated in more parts of the size every set uses (so its
+    FID stays comparable); the sample and evaluate jobs get both."""
+    config = copy.deepcopy(T2I)
+    exp = config["experiments"]["tiny_t2i"]
+    exp["sample"]["num_by_set"] = {"onestep": 4 * exp["sample"]["num"]}
+    checked = ddconfig.check_config(copy.deepcopy(config), base_dir=REPO)["experiments"]["tiny_t2i"]
+    plan = ddplan.plan("tiny_t2i", checked, REPO)
+    splits, num = checked["evaluation"]["splits"], checked["sample"]["num"]
+    assert (plan.sets["onestep"].num, plan.sets["onestep"].splits) == (4 * num, 4 * splits)
+    assert {(s.num, s.splits) for name, s in plan.sets.items() if name != "onestep"} == {(num, splits)}
+    path = tmp_path / "t2i.yaml"
+    path.write_text(yaml.safe_dump(config))
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "-s", str(REPO / "Snakefile"),
+                        "--configfile", str(path), "--directory", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    shell = [line for line in out.splitlines() if " -m dd sample " in line or " -m dd evaluate " in line]
+    onestep = [line for line in shell if "samples/onestep.npz" in line]
+    teacher = [line for line in shell if "samples/teacher.npz --" in line or "--out results/tiny_t2i/samples/teacher" in line]
+    assert any(f"--num {4 * num} " in line for line in onestep) and any(f"--splits {4 * splits} " in line
+                                                                      for line in onestep), onestep
+    assert any(f"--num {num} " in line for line in teacher), teacher
+    # names a set that does not exist / sizes that do not make whole parts
+    for bad, words in [({"onestep*": num}, "no sample set 'onestep*'"),
+                       ({"onestep": num + 1}, f"use a multiple of {num // splits}")]:
+        exp["sample"]["num_by_set"] = bad
+        msg = problems_of(copy.deepcopy(config))
+        assert "experiments.tiny_t2i.sample.num_by_set." in msg and words in msg, msg

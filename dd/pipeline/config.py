@@ -199,6 +199,16 @@ def _check_timesteps(key: str, timesteps: list, steps: int, problems: list) -> b
     return problem is None
 
 
+def sample_set_names(sample: dict, timesteps: list[int]) -> list[str]:
+    """The sample sets of an experiment's sample section, by the file stems ``dd.pipeline.plan`` gives them."""
+    names = ["teacher"] if sample["teacher"] else []
+    names += [f"skip-{n}" for n in sorted(sample["skip"])] + (["onestep"] if sample["onestep"] else [])
+    names += [f"dd-{k}step" for k in sorted(sample["dd_steps"])]
+    if len(timesteps) > 1:
+        names += [f"dd-teacher-{n}-{timesteps[1]}" for n in sorted(sample["dd_teacher_starts"])]
+    return names
+
+
 def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> list[tuple[str, str]]:
     """Checks of one (schema-valid, defaults-filled) experiment that the schema cannot express."""
     problems: list[tuple[str, str]] = []
@@ -356,6 +366,16 @@ def experiment_problems(name: str, exp: dict, base_dir: Path | None = None) -> l
     elif sample["num"] // ev["splits"] < ev["isc_splits"]:
         problems.append((f"{k}.sample.num", f"{sample['num'] // ev['splits']} samples per evaluation part cannot be "
                          f"split into evaluation.isc_splits = {ev['isc_splits']} parts"))
+    else:
+        part = sample["num"] // ev["splits"]
+        names = sample_set_names(sample, ts)
+        for set_name, num in sorted(sample["num_by_set"].items()):
+            key = f"{k}.sample.num_by_set.{set_name}"
+            if set_name not in names:
+                problems.append((key, f"no sample set {set_name!r} in this experiment; its sets: {', '.join(names)}"))
+            elif num % part:
+                problems.append((key, f"{num} images do not make whole evaluation parts of sample.num / "
+                                 f"evaluation.splits = {part}; use a multiple of {part}"))
 
     # ablations
     ab = exp["ablations"]

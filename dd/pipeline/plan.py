@@ -24,6 +24,8 @@ class SampleSet:
     student_run: str | None = None  # distillation run whose student it needs
     needs_pairs: bool = False  # onestep*: the pair shards
     tables: tuple[int, ...] = (1,)
+    num: int = 0  # images (sample.num, or its sample.num_by_set entry)
+    splits: int = 1  # evaluation parts, each of sample.num / evaluation.splits images
 
 
 @dataclass
@@ -160,6 +162,10 @@ def plan(name: str, exp: dict, base_dir: Path | None = None) -> Plan:
                                    student_run, tables=(2,))
 
     ev = exp["evaluation"]
+    part = sample["num"] // ev["splits"]   # every set is evaluated in parts of this size: comparable FIDs
+    for s in sets.values():
+        s.num = sample["num_by_set"].get(s.name, sample["num"])
+        s.splits = s.num // part
     user_files: dict[str, tuple[str, str, str]] = {}
     if ev["reference"] == "digits":
         reference = f"{DIGITS_DIR}/reference_{image_size}.npz"

@@ -77,10 +77,11 @@ def _count_terms_mb(exp: dict, stage: str, record_bytes: int) -> float:
     """Host memory that grows with the experiment's counts (see the module docstring), per process."""
     _, released = released_teachers()[exp["teacher"]["name"]]
     pixels = 3 * released.image_size ** 2
+    num = max([exp["sample"]["num"], *exp["sample"].get("num_by_set", {}).values()])   # the largest set
     if stage == "sample":
-        return exp["sample"]["num"] * pixels / MB
+        return num * pixels / MB
     if stage == "evaluate":
-        return exp["sample"]["num"] * (pixels + (2048 + 1008) * 4) / MB
+        return num * (pixels + (2048 + 1008) * 4) / MB
     if stage == "distill":
         return exp["pairs"]["num_pairs"] * record_bytes / MB
     return 0.0

@@ -7,7 +7,8 @@ localrules: track_samples
 
 def evaluation_options(wildcards):
     ev, device, p = exp_config(wildcards)["evaluation"], DEVICE, P(wildcards)
-    opts = (f"--feature-extractor {ev['feature_extractor']} --device {device} --splits {ev['splits']}"
+    splits = p.sets[wildcards.set].splits   # parts of sample.num / evaluation.splits images, whatever the set's size
+    opts = (f"--feature-extractor {ev['feature_extractor']} --device {device} --splits {splits}"
             f" --batch-size {ev['batch_size']}"
             f" --isc-splits {ev['isc_splits']} --kid-subsets {ev['kid_subsets']}")
     if p.attribute_scale or p.clip_model:   # text-to-image: against the eval prompts

@@ -27,7 +27,7 @@ def sample_inputs(wildcards):
 def sample_options(wildcards):
     # of the wildcards only, so that Snakemake records them and a changed setting (e.g. sample.num) reruns the job
     s, c, inputs = sample_set(wildcards), exp_config(wildcards)["sample"], sample_inputs(wildcards)
-    opts = [f"--method {s.method}", f"--num {c['num']}", f"--batch-size {c['batch_size']}", f"--seed {c['seed']}",
+    opts = [f"--method {s.method}", f"--num {s.num}", f"--batch-size {c['batch_size']}", f"--seed {c['seed']}",
             sampling_args(c), *s.args]
     if "student" in inputs:
         opts.append(f"--student {inputs['student']}")
